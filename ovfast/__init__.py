@@ -1,0 +1,24 @@
+"""ovfast: a fast, reference-exact inference engine for LLaVA-OneVision.
+
+    import ovfast
+    engine = ovfast.load("llava-hf/llava-onevision-qwen2-0.5b-ov-hf")   # or a local directory
+    print(engine.generate("photo.jpg", "What is shown in this image?"))
+"""
+from .api import DEFAULT_MODEL, generate, get_engine
+from .engine import Engine, EngineBusyError, EngineConfig, load
+from .errors import (
+    ConfigError, ContextLengthError, EmptyVideoError, GenerationParamsError, ImageReadError, InputError,
+    ModelLoadError, OvfastError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+)
+from .generation import Completion, Timings
+from .media import Video
+from .random_checkpoint import build_checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyVideoError", "Engine",
+    "EngineBusyError", "EngineConfig", "GenerationParamsError", "ImageReadError", "InputError",
+    "ModelLoadError", "OvfastError", "PlaceholderError", "Timings", "TooManyImagesError",
+    "UnsupportedInputError", "Video", "build_checkpoint", "generate", "get_engine", "load",
+]

@@ -1,0 +1,111 @@
+"""Command line: ``ovfast generate``, ``ovfast demo`` and ``ovfast build-checkpoint``."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import OvfastError
+
+_IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+
+
+def _frames(spec: str) -> list[str]:
+    """Frame files of one --video: comma-separated files, directories expanded to their images in name order."""
+    out = []
+    for p in map(Path, spec.split(",")):
+        if p.is_dir():
+            out += sorted(str(f) for f in p.iterdir() if f.suffix.lower() in _IMAGE_SUFFIXES)
+        else:
+            out.append(str(p))
+    return out
+
+
+def _generate(args) -> int:
+    from . import Video, load
+
+    engine = load(args.model, device=args.device, dtype=args.dtype)
+    items = list(args.image or []) + [Video(_frames(v)) for v in args.video or []]
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+              seed=args.seed, stop=args.stop, chat=not args.no_chat)
+    if args.stream:
+        for piece in engine.stream(items, args.prompt, **kw):
+            print(piece, end="", flush=True)
+        print()
+        return 0
+    c = engine.complete(items, args.prompt, **kw)
+    if args.json:
+        print(json.dumps({"text": c.text, "token_ids": c.token_ids, "prompt_tokens": c.prompt_tokens,
+                          "finish_reason": c.finish_reason, "timings": c.timings.as_dict(),
+                          "random_weights": engine.random_weights}, indent=2))
+    else:
+        print(c.text)
+    if engine.random_weights:
+        print("(random-weight test checkpoint: the answer is noise)", file=sys.stderr)
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.model, max_new_tokens=args.max_new_tokens)
+    return 0
+
+
+def _build(args) -> int:
+    from .random_checkpoint import build_checkpoint
+
+    path = build_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, layout=args.layout,
+                            weights=not args.no_weights)
+    print(f"wrote a random-weight {args.preset} checkpoint to {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ovfast", description="Fast LLaVA-OneVision inference")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="answer a prompt about images or a video")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", help="Hub id or local directory")
+    g.add_argument("--image", action="append", help="an image file (repeat for several)")
+    g.add_argument("--video", action="append", metavar="FRAMES",
+                   help="a video: a directory of frame images, or frame files separated by commas (repeatable)")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int)
+    g.add_argument("--stop", action="append", help="stop string (repeatable)")
+    g.add_argument("--no-chat", action="store_true", help="use the prompt verbatim (it holds the <image>/<video>)")
+    g.add_argument("--device")
+    g.add_argument("--dtype", help="float32, bfloat16 or float16")
+    g.add_argument("--stream", action="store_true", help="print the answer as it is generated")
+    g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
+    g.set_defaults(func=_generate)
+
+    d = sub.add_parser("demo", help="an image, a two-image and a video request, offline")
+    d.add_argument("--model", help="default: the 0.5B model if cached, else a tiny random-weight model")
+    d.add_argument("--max-new-tokens", type=int, default=24)
+    d.set_defaults(func=_demo)
+
+    b = sub.add_parser("build-checkpoint", help="write a random-weight checkpoint in the Hugging Face layout")
+    b.add_argument("out")
+    b.add_argument("--preset", default="tiny", choices=["tiny", "tiny-mha", "0.5b", "7b", "72b"])
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
+    b.add_argument("--layout", default="llava-hf", choices=["llava-hf", "transformers5"])
+    b.add_argument("--no-weights", action="store_true", help="configs and tokenizer only")
+    b.set_defaults(func=_build)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except OvfastError as e:
+        print(f"ovfast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Typed errors. Everything ovfast raises on purpose derives from OvfastError.
+
+Input errors are raised while a request is being prepared, before it touches the KV cache,
+so the engine that raised one serves the next request normally.
+"""
+
+
+class OvfastError(Exception):
+    """Base class of every error ovfast raises on purpose."""
+
+
+class ModelLoadError(OvfastError):
+    """The model could not be found, downloaded or loaded."""
+
+
+class ConfigError(ModelLoadError):
+    """config.json (or another checkpoint file) describes something ovfast cannot run."""
+
+
+class InputError(OvfastError, ValueError):
+    """A request is malformed; the message names the problem."""
+
+
+class UnsupportedInputError(InputError, TypeError):
+    """An image, video or prompt argument has a type ovfast does not accept."""
+
+
+class ImageReadError(InputError):
+    """An image (or video frame) could not be read or decoded."""
+
+
+class EmptyVideoError(InputError):
+    """A video has no frames."""
+
+
+class PlaceholderError(InputError):
+    """The prompt's <image>/<video> placeholders do not match the media passed."""
+
+
+class TooManyImagesError(InputError):
+    """More images or video frames than the engine is configured for."""
+
+
+class ContextLengthError(InputError):
+    """Prompt tokens plus max_new_tokens do not fit in the engine's context."""
+
+
+class GenerationParamsError(InputError):
+    """A sampling or stopping parameter is out of range."""

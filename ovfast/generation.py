@@ -1,0 +1,113 @@
+"""Per-request generation state: produced tokens, their text, stop conditions and timings."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .request import PreparedRequest
+from .tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass
+class Timings:
+    preprocess_ms: float = 0.0  # media decoding, resizing, tiling, prompt rendering and tokenisation
+    vision_ms: float = 0.0  # SigLIP, projector and feature packing
+    prefill_ms: float = 0.0  # the decoder over the prompt, up to the first token
+    decode_ms: float = 0.0  # every later token
+    decode_tokens: int = 0
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        return self.decode_tokens / (self.decode_ms / 1e3) if self.decode_ms > 0 else 0.0
+
+    @property
+    def time_to_first_token_ms(self) -> float:
+        return self.preprocess_ms + self.vision_ms + self.prefill_ms
+
+    @property
+    def total_ms(self) -> float:
+        return self.time_to_first_token_ms + self.decode_ms
+
+    def as_dict(self) -> dict:
+        return {
+            "preprocess_ms": self.preprocess_ms, "vision_ms": self.vision_ms, "prefill_ms": self.prefill_ms,
+            "decode_ms": self.decode_ms, "decode_tokens_per_s": self.decode_tokens_per_s,
+        }
+
+
+@dataclass
+class Completion:
+    text: str
+    token_ids: list[int]  # generated ids, the final eos included when one ended the answer
+    prompt_tokens: int  # prompt length with every placeholder expanded
+    finish_reason: str  # "stop" (eos or a stop string) or "length" (max_new_tokens)
+    timings: Timings
+
+
+class TextAssembler:
+    """The answer's text as tokens arrive, cut before the first stop string.
+
+    ``pending()`` returns only text that can no longer turn out to be part of a stop string:
+    the last len(longest stop) - 1 characters wait until more text or the end proves them clean.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, stop: tuple[str, ...]):
+        self._decoder = IncrementalDecoder(tokenizer)
+        self._stop = stop
+        self._hold = max((len(s) for s in stop), default=1) - 1
+        self.text = ""
+        self.stopped = False  # a stop string was found
+        self._closed = False
+        self._sent = 0
+
+    def push(self, token_id: int) -> None:
+        self._add(self._decoder.push(token_id))
+
+    def close(self) -> None:
+        self._add(self._decoder.flush())
+        self._closed = True
+
+    def _add(self, delta: str) -> None:
+        if not delta or self.stopped:
+            return
+        start = max(0, len(self.text) - self._hold)  # a stop string spanning old and new text starts here or later
+        self.text += delta
+        hits = [i for s in self._stop if (i := self.text.find(s, start)) != -1]
+        if hits:
+            self.text = self.text[: min(hits)]
+            self.stopped = True
+
+    def pending(self) -> str:
+        end = len(self.text) if (self.stopped or self._closed) else max(self._sent, len(self.text) - self._hold)
+        out = self.text[self._sent : end]
+        self._sent = end
+        return out
+
+
+@dataclass
+class Sequence:
+    """A request being generated in one KV-cache slot."""
+
+    index: int  # position of the request in its call
+    request: PreparedRequest
+    slot: int
+    text: TextAssembler
+    generator: torch.Generator | None
+    timings: Timings
+    length: int = 0  # positions of this sequence already in the cache
+    tokens: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+
+    def add_token(self, token: int, eos_ids: frozenset[int]) -> None:
+        self.tokens.append(token)
+        self.text.push(token)
+        if token in eos_ids or self.text.stopped:
+            self.finish_reason = "stop"
+        elif len(self.tokens) >= self.request.params.max_new_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason:
+            self.text.close()
+
+    def completion(self) -> Completion:
+        return Completion(self.text.text, list(self.tokens), len(self.request.input_ids), self.finish_reason, self.timings)

@@ -1,0 +1,188 @@
+"""The operations optimised kernels replace, each behind one function with its plain-torch version.
+
+Model code calls only these for the hot steps. The versions here are the reference semantics
+(and what runs on the CPU): they follow transformers' operation order and dtype casts, so the
+models built on them match ``LlavaOnevisionForConditionalGeneration``. Tensor layouts are the
+ones the Triton and flash-attn backends use (packed [tokens, heads, head_dim] activations, a
+[slots, max_len, kv_heads, head_dim] KV cache), so a backend can replace a function without
+touching its callers.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+# --- vision -------------------------------------------------------------------------------------
+
+
+def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+    """Non-overlapping patch embedding plus learned positions.
+
+    pixels (N, 3, H, W) in the weight's dtype, weight (D, 3, p, p), bias (D,), pos_embed (P, D)
+    -> (N, P, D) with P = (H // p) * (W // p); pixels past the last whole patch are ignored.
+    """
+    x = F.conv2d(pixels, weight, bias, stride=weight.shape[-1])  # (N, D, H/p, W/p)
+    return x.flatten(2).transpose(1, 2) + pos_embed
+
+
+def bilinear_resize(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """Bilinear resize of a channels-last map, align_corners=False and no antialias.
+
+    x (B, H, W, C) -> (B, out_h, out_w, C); computed in fp32, rounded to x's dtype.
+    """
+    y = F.interpolate(x.permute(0, 3, 1, 2).float(), size=(out_h, out_w), mode="bilinear", align_corners=False)
+    return y.permute(0, 2, 3, 1).to(x.dtype)
+
+
+def projector(
+    x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
+    approximate: str = "none",
+) -> torch.Tensor:
+    """The multimodal projector: gelu(x @ w1.T + b1) @ w2.T + b2 (erf GELU for LLaVA-OneVision)."""
+    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+
+
+# --- decoder ------------------------------------------------------------------------------------
+
+
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Qwen2 RMSNorm: normalise in fp32, cast back to x's dtype, then multiply by the weight.
+
+    With ``residual`` the sum x + residual (in x's dtype) is normalised and returned too:
+    (normed, x + residual).
+    """
+    if residual is not None:
+        x = x + residual
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    out = weight * h.to(x.dtype)
+    return (out, x) if residual is not None else out
+
+
+def rope_cos_sin_cache(head_dim: int, theta: float, max_positions: int, device=None) -> torch.Tensor:
+    """(max_positions, head_dim) fp32 table: cos of each position's angles, then their sin.
+
+    Angles are position * theta^(-2i/d) for i < d/2, computed in fp32 as transformers does.
+    """
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
+    angles = torch.arange(max_positions, device=device).float()[:, None] * inv_freq
+    return torch.cat((angles.cos(), angles.sin()), dim=-1)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    """Half-split (NeoX) rotary embedding, in place on q (T, Hq, d) and k (T, Hkv, d).
+
+    Pairs are (i, i + d/2). cos and sin are cast to the activation dtype before use, and the
+    rotation is x*cos + rotate_half(x)*sin in that dtype, as in transformers.
+    """
+    half = q.shape[-1] // 2
+    cs = cos_sin_cache[positions].to(q.dtype)  # (T, d)
+    cos, sin = cs[:, None, :half], cs[:, None, half:]
+    for x in (q, k):
+        x1, x2 = x[..., :half], x[..., half:]
+        rotated = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
+        x.copy_(rotated)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """SwiGLU on a fused gate/up projection: silu(gate_up[..., :I]) * gate_up[..., I:]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+# --- attention ----------------------------------------------------------------------------------
+
+
+def _expand_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
+    """Repeat each kv head ``groups`` times along ``dim`` (kv head j serves query heads [j*g, (j+1)*g))."""
+    return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
+
+
+def attention_prefill(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+    causal: bool = True, scale: float | None = None,
+) -> torch.Tensor:
+    """Attention over packed sequences.
+
+    q (T, Hq, d), k and v (T, Hkv, d); sequence i is rows cu_seqlens[i]:cu_seqlens[i+1] (int32,
+    (B+1,)). Returns (T, Hq, d). With causal=False it serves the SigLIP encoder.
+    """
+    groups = q.shape[1] // k.shape[1]
+    bounds = cu_seqlens.tolist()
+    lengths = {b - a for a, b in zip(bounds, bounds[1:])}
+    if len(lengths) == 1:  # equal lengths (always so for vision tiles): one batched call
+        n = len(bounds) - 1
+        s = lengths.pop()
+        qb, kb, vb = (x.view(n, s, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
+        out = F.scaled_dot_product_attention(qb, _expand_kv(kb, groups, 1), _expand_kv(vb, groups, 1),
+                                             is_causal=causal, scale=scale)
+        return out.transpose(1, 2).reshape(q.shape)
+    out = torch.empty_like(q)
+    for a, b in zip(bounds, bounds[1:]):
+        qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
+        o = F.scaled_dot_product_attention(qs, _expand_kv(ks, groups, 1), _expand_kv(vs, groups, 1),
+                                           is_causal=causal, scale=scale)
+        out[a:b] = o[0].transpose(0, 1)
+    return out
+
+
+def attention_decode(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """One new query per sequence against its cached keys and values.
+
+    q (B, Hq, d); k_cache and v_cache (B, S_max, Hkv, d) with the new token's k/v already
+    written; seq_lens (B,) int32 counts the valid positions of each row. Returns (B, Hq, d).
+    """
+    bsz, hq, d = q.shape
+    hkv = k_cache.shape[2]
+    s = int(seq_lens.max())
+    k = k_cache[:bsz, :s].transpose(1, 2)  # (B, Hkv, S, d)
+    v = v_cache[:bsz, :s].transpose(1, 2)
+    # Each kv head answers its whole query group at once: the group becomes the query axis.
+    qg = q.view(bsz, hkv, hq // hkv, d)
+    mask = None
+    if bsz > 1 or s != int(seq_lens.min()):
+        mask = torch.arange(s, device=q.device)[None, :] < seq_lens[:, None].to(q.device)  # (B, S)
+        mask = mask[:, None, None, :]
+    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (B, Hkv, g, d)
+    return out.reshape(bsz, hq, d)
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+
+def sample(
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """Next token per row of fp32 logits (B, V).
+
+    Rows with temperature 0 take the argmax (the first on ties, as torch and transformers do).
+    Other rows: logits / temperature, then top-k (0 = off), then top-p (1.0 = off; the smallest
+    set whose probability reaches top_p, never empty), then a draw from that row's generator.
+    """
+    logits = logits.float()
+    greedy = logits.argmax(dim=-1)
+    if not bool((temperature > 0).any()):
+        return greedy
+    x = logits / temperature.clamp_min(1e-6)[:, None]
+    vocab = x.shape[-1]
+    k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
+    sorted_x, order = x.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=x.device)[None, :]
+    sorted_x = sorted_x.masked_fill(ranks >= k[:, None], float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    # Drop a token when the tokens ranked above it already reach top_p.
+    before = probs.cumsum(dim=-1) - probs
+    sorted_x = sorted_x.masked_fill((before >= top_p[:, None]) & (ranks > 0), float("-inf"))
+    probs = sorted_x.softmax(dim=-1)
+    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per row.
+    noise = torch.empty_like(probs)
+    for i, g in enumerate(generators):
+        noise[i].exponential_(generator=g)
+    picked = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
+    return torch.where(temperature > 0, picked, greedy)

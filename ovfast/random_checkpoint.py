@@ -1,0 +1,330 @@
+"""Random-weight LLaVA-OneVision checkpoints in the exact Hugging Face layout.
+
+Tests, benchmarks and the offline demo need a model but cannot download one. ``build_checkpoint``
+writes config.json, safetensors weights (single file or sharded with an index), tokenizer.json,
+tokenizer_config.json, preprocessor and processor configs, the chat template and
+generation_config.json, laid out as the llava-hf repositories are, so transformers loads the
+directory as its reference. The weights are random: the model's answers mean nothing. config.json
+carries an ``ovfast_random_weights`` entry so every tool can say so.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from .random_tokenizer import SPECIAL_TOKENS, build_tokenizer
+from .weight_names import LAYOUTS, disk_name
+
+# The chat template the llava-hf conversion script installs as the processor's template.
+LLAVA_OV_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
+    "{{ '<image>\n' }}{% endfor %}"
+    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
+    "{{ '<video>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
+    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A plain-text ChatML template for tokenizer_config.json, as Qwen2-Instruct's tokenizer carries one
+# (with a default system prompt). Processors ignore it; it is there so loaders must pick the right one.
+_TOKENIZER_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Preset:
+    text: dict
+    vision: dict
+    bpe_vocab: int  # BPE entries before the five special tokens
+    vocab_size: int  # rows of embed_tokens / lm_head (padded past the tokenizer, as llava-hf does)
+    description: str
+    vision_extra: dict = field(default_factory=dict)
+
+
+_REAL_VISION = dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=26, num_attention_heads=16)
+
+PRESETS: dict[str, Preset] = {
+    # GQA (6 query heads over 2 kv heads), tied head; every width deliberately not a power of two.
+    "tiny": Preset(
+        text=dict(hidden_size=48, intermediate_size=88, num_hidden_layers=2, num_attention_heads=6,
+                  num_key_value_heads=2, tie_word_embeddings=True),
+        vision=dict(hidden_size=36, intermediate_size=60, num_hidden_layers=2, num_attention_heads=3),
+        bpe_vocab=397, vocab_size=416, description="tiny test model: GQA, tied embeddings",
+    ),
+    # Plain multi-head attention, untied head, three vision layers.
+    "tiny-mha": Preset(
+        text=dict(hidden_size=40, intermediate_size=72, num_hidden_layers=3, num_attention_heads=5,
+                  num_key_value_heads=5, tie_word_embeddings=False),
+        vision=dict(hidden_size=24, intermediate_size=52, num_hidden_layers=3, num_attention_heads=2),
+        bpe_vocab=397, vocab_size=410, description="tiny test model: MHA, untied head",
+    ),
+    "0.5b": Preset(
+        text=dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                  num_key_value_heads=2, tie_word_embeddings=True),
+        vision=_REAL_VISION, bpe_vocab=151643, vocab_size=152000,
+        description="llava-onevision-qwen2-0.5b-ov shapes",
+    ),
+    "7b": Preset(
+        text=dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                  num_key_value_heads=4, tie_word_embeddings=False),
+        vision=_REAL_VISION, bpe_vocab=151643, vocab_size=152128,
+        description="llava-onevision-qwen2-7b-ov shapes",
+    ),
+    "72b": Preset(
+        text=dict(hidden_size=8192, intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
+                  num_key_value_heads=8, tie_word_embeddings=False),
+        vision=_REAL_VISION, bpe_vocab=151643, vocab_size=152128,
+        description="llava-onevision-qwen2-72b-ov shapes",
+    ),
+}
+
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def build_config(preset: str = "tiny", *, text: dict | None = None, vision: dict | None = None,
+                 extra: dict | None = None) -> dict:
+    """The config.json dictionary of a preset, with optional field overrides.
+
+    ``text`` and ``vision`` override fields of the sub-configs, ``extra`` top-level fields.
+    The grid pinpoints follow the tile size: every (h, w) from 1 to 6 tiles a side.
+    """
+    p = PRESETS[preset]
+    special = {t: p.bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
+    text_cfg = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "model_type": "qwen2",
+        "bos_token_id": special["<|endoftext|>"],
+        "eos_token_id": special["<|im_end|>"],
+        "max_position_embeddings": 32768,
+        "max_window_layers": p.text["num_hidden_layers"],
+        "rms_norm_eps": 1e-06,
+        "rope_theta": 1000000.0,
+        "sliding_window": 32768,
+        "use_sliding_window": False,
+        "vocab_size": p.vocab_size,
+        "torch_dtype": "bfloat16",
+        **p.text,
+        **(text or {}),
+    }
+    vision_cfg = {
+        "model_type": "siglip_vision_model",
+        "image_size": 384,
+        "patch_size": 14,
+        "vision_use_head": False,
+        **p.vision,
+        **(vision or {}),
+    }
+    tile = vision_cfg["image_size"]
+    return {
+        "architectures": ["LlavaOnevisionForConditionalGeneration"],
+        "model_type": "llava_onevision",
+        "image_grid_pinpoints": [[h * tile, w * tile] for h in range(1, 7) for w in range(1, 7)],
+        "image_token_index": special["<image>"],
+        "video_token_index": special["<video>"],
+        "projector_hidden_act": "gelu",
+        "multimodal_projector_bias": True,
+        "text_config": text_cfg,
+        "tie_word_embeddings": bool(text_cfg["tie_word_embeddings"]),
+        "torch_dtype": "float16",
+        "use_image_newline_parameter": True,
+        "vision_aspect_ratio": "anyres_max_9",
+        "vision_config": vision_cfg,
+        "vision_feature_layer": -1,
+        "vision_feature_select_strategy": "full",
+        "ovfast_random_weights": {"preset": preset, "description": p.description},
+        **(extra or {}),
+    }
+
+
+def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
+    """(canonical name, shape, init kind) of every tensor a checkpoint of this config stores."""
+    t, v = config["text_config"], config["vision_config"]
+    D, V, I = t["hidden_size"], t["vocab_size"], t["intermediate_size"]
+    hd = t.get("head_dim") or D // t["num_attention_heads"]
+    q_out, kv_out = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
+    E, P, F = v["hidden_size"], v["patch_size"], v["intermediate_size"]
+    grid = v["image_size"] // P
+    specs = [
+        ("vision.embeddings.patch_embedding.weight", (E, 3, P, P), "weight"),
+        ("vision.embeddings.patch_embedding.bias", (E,), "bias"),
+        ("vision.embeddings.position_embedding.weight", (grid * grid, E), "weight"),
+    ]
+    for i in range(v["num_hidden_layers"]):
+        pre = f"vision.encoder.layers.{i}."
+        for ln in ("layer_norm1", "layer_norm2"):
+            specs += [(pre + ln + ".weight", (E,), "norm"), (pre + ln + ".bias", (E,), "bias")]
+        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
+            specs += [(pre + f"self_attn.{proj}.weight", (E, E), "weight"), (pre + f"self_attn.{proj}.bias", (E,), "bias")]
+        specs += [
+            (pre + "mlp.fc1.weight", (F, E), "weight"), (pre + "mlp.fc1.bias", (F,), "bias"),
+            (pre + "mlp.fc2.weight", (E, F), "weight"), (pre + "mlp.fc2.bias", (E,), "bias"),
+        ]
+    specs += [("vision.post_layernorm.weight", (E,), "norm"), ("vision.post_layernorm.bias", (E,), "bias")]
+    specs += [
+        ("projector.linear_1.weight", (D, E), "weight"), ("projector.linear_1.bias", (D,), "bias"),
+        ("projector.linear_2.weight", (D, D), "weight"), ("projector.linear_2.bias", (D,), "bias"),
+        ("image_newline", (D,), "embedding"),
+        ("lm.embed_tokens.weight", (V, D), "embedding"),
+    ]
+    for i in range(t["num_hidden_layers"]):
+        pre = f"lm.layers.{i}."
+        specs += [
+            (pre + "input_layernorm.weight", (D,), "norm"),
+            (pre + "self_attn.q_proj.weight", (q_out, D), "weight"), (pre + "self_attn.q_proj.bias", (q_out,), "bias"),
+            (pre + "self_attn.k_proj.weight", (kv_out, D), "weight"), (pre + "self_attn.k_proj.bias", (kv_out,), "bias"),
+            (pre + "self_attn.v_proj.weight", (kv_out, D), "weight"), (pre + "self_attn.v_proj.bias", (kv_out,), "bias"),
+            (pre + "self_attn.o_proj.weight", (D, q_out), "weight"),
+            (pre + "post_attention_layernorm.weight", (D,), "norm"),
+            (pre + "mlp.gate_proj.weight", (I, D), "weight"),
+            (pre + "mlp.up_proj.weight", (I, D), "weight"),
+            (pre + "mlp.down_proj.weight", (D, I), "weight"),
+        ]
+    specs.append(("lm.norm.weight", (D,), "norm"))
+    if not config["tie_word_embeddings"]:
+        specs.append(("lm_head.weight", (V, D), "embedding"))
+    return specs
+
+
+def _random_tensor(shape, kind: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
+    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    if kind == "norm":  # around 1, so the RMSNorm / LayerNorm weight multiply is exercised
+        x = 1.0 + 0.1 * x
+    elif kind == "bias":
+        x = 0.02 * x
+    elif kind == "embedding":  # wide logits: random models should not sit on argmax ties
+        x = x / math.sqrt(shape[-1])
+    else:  # 1/sqrt(fan_in): every layer moves the residual stream, so answers vary with the input
+        x = x / math.sqrt(math.prod(shape[1:]))
+    return x.to(dtype)
+
+
+def build_checkpoint(
+    out_dir: str | Path,
+    preset: str = "tiny",
+    *,
+    seed: int = 0,
+    dtype: str = "float16",
+    layout: str = "llava-hf",
+    max_shard_bytes: int = 4 << 30,
+    template_file: str = "json",
+    text: dict | None = None,
+    vision: dict | None = None,
+    extra: dict | None = None,
+    weights: bool = True,
+) -> Path:
+    """Write a random-weight checkpoint directory and return its path.
+
+    ``layout`` is "llava-hf" (the names on the Hub, saved by transformers 4.45) or
+    "transformers5". ``template_file`` is "json" (chat_template.json, as on the Hub) or "jinja".
+    Weights larger than ``max_shard_bytes`` are split into shards with an index file.
+    ``weights=False`` writes everything but the weights (the 72B shapes do not fit a disk).
+    """
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    config = build_config(preset, text=text, vision=vision, extra=extra)
+    p = PRESETS[preset]
+    _write_json(out / "config.json", config)
+    special = {t: p.bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
+    _write_json(out / "generation_config.json", {
+        "bos_token_id": special["<|endoftext|>"], "eos_token_id": special["<|im_end|>"], "transformers_version": "4.45.0",
+    })
+    _write_processing_files(out, config, p.bpe_vocab, template_file)
+    if weights:
+        _write_weights(out, config, seed, _DTYPES[dtype], layout, max_shard_bytes)
+    return out
+
+
+def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layout: str, max_shard_bytes: int) -> None:
+    specs = tensor_specs(config)
+    nbytes = [math.prod(shape) * dtype.itemsize for _, shape, _ in specs]
+    shards: list[list[int]] = [[]]
+    size = 0
+    for i, n in enumerate(nbytes):
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(i)
+        size += n
+    gen = torch.Generator().manual_seed(seed)
+    weight_map = {}
+    for k, members in enumerate(shards):
+        fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        tensors = {}
+        for i in members:
+            name, shape, kind = specs[i]
+            tensors[disk_name(name, layout)] = _random_tensor(shape, kind, dtype, gen)
+            weight_map[disk_name(name, layout)] = fname
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if len(shards) > 1:
+        _write_json(out / "model.safetensors.index.json", {
+            "metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map,
+        })
+
+
+def _write_processing_files(out: Path, config: dict, bpe_vocab: int, template_file: str) -> None:
+    tok = build_tokenizer(bpe_vocab)
+    tok.save(str(out / "tokenizer.json"))
+    ids = {t: bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
+    _write_json(out / "tokenizer_config.json", {
+        "add_prefix_space": False,
+        "added_tokens_decoder": {
+            str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                          "single_word": False, "special": True}
+            for t in SPECIAL_TOKENS
+        },
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": _TOKENIZER_CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 32768,
+        "pad_token": "<|endoftext|>",
+        "padding_side": "left",
+        "processor_class": "LlavaOnevisionProcessor",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    })
+    vision = config["vision_config"]
+    tile, grid = vision["image_size"], vision["image_size"] // vision["patch_size"]
+    common = {
+        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
+        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"height": tile, "width": tile},
+        "processor_class": "LlavaOnevisionProcessor",
+    }
+    _write_json(out / "preprocessor_config.json", {
+        **common, "do_pad": True, "image_grid_pinpoints": config["image_grid_pinpoints"], "image_processor_type": "LlavaOnevisionImageProcessor",
+    })
+    _write_json(out / "video_preprocessor_config.json", {**common, "video_processor_type": "LlavaOnevisionVideoProcessor"})
+    _write_json(out / "processor_config.json", {
+        "num_image_tokens": grid * grid, "processor_class": "LlavaOnevisionProcessor", "vision_feature_select_strategy": "full",
+    })
+    if template_file == "json":
+        _write_json(out / "chat_template.json", {"chat_template": LLAVA_OV_CHAT_TEMPLATE})
+    elif template_file == "jinja":
+        (out / "chat_template.jinja").write_text(LLAVA_OV_CHAT_TEMPLATE, encoding="utf-8")
+    else:
+        raise ValueError(f"template_file must be 'json' or 'jinja', not {template_file!r}")
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

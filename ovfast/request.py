@@ -1,0 +1,183 @@
+"""From (images, prompt, parameters) to a validated, tokenised request: everything host-side.
+
+Every check that can reject a request runs here, before the request touches the model or the
+KV cache, so a rejected request leaves the engine exactly as it was.
+"""
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import jinja2
+import numpy as np
+import PIL.Image
+import torch
+
+from . import anyres
+from .config import ModelConfig
+from .errors import (
+    ContextLengthError, GenerationParamsError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+)
+from .media import Video, to_rgb
+from .preprocess import ProcessingConfig, VisualItem, anyres_tiles, padded_square_tile, video_tiles
+from .tokenizer import ChatTemplate, Tokenizer
+
+IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def make(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None) -> "SamplingParams":
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+            raise GenerationParamsError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+            raise GenerationParamsError(f"temperature must be a finite number >= 0, got {temperature!r}")
+        if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
+            raise GenerationParamsError(f"top_p must be in (0, 1], got {top_p!r}")
+        if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+            raise GenerationParamsError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
+            raise GenerationParamsError(f"seed must be an integer or None, got {seed!r}")
+        if stop is None:
+            stop = ()
+        elif isinstance(stop, str):
+            stop = (stop,)
+        elif isinstance(stop, Sequence) and all(isinstance(s, str) for s in stop):
+            stop = tuple(stop)
+        else:
+            raise GenerationParamsError(f"stop must be a string or a list of strings, got {stop!r}")
+        if any(s == "" for s in stop):
+            raise GenerationParamsError("stop strings must not be empty")
+        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop)
+
+
+@dataclass
+class PreparedRequest:
+    items: list[VisualItem]
+    input_ids: list[int]  # placeholders already expanded to one id per feature row
+    params: SamplingParams
+    preprocess_ms: float
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_seq_len: int
+    max_images: int
+    max_video_frames: int
+
+
+def as_items(images) -> list:
+    """``images`` as a list of items: None or [] -> [], one image or Video -> [it], a list -> itself."""
+    if images is None:
+        return []
+    if isinstance(images, (list, tuple)):
+        return list(images)
+    if isinstance(images, (Video, PIL.Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor)):
+        return [images]
+    raise UnsupportedInputError(
+        f"images must be an image, an ovfast.Video or a list of them, not {type(images).__name__}"
+    )
+
+
+class RequestBuilder:
+    def __init__(self, model: ModelConfig, proc: ProcessingConfig, tokenizer: Tokenizer,
+                 template: ChatTemplate | None, limits: Limits):
+        self.model, self.proc, self.tokenizer, self.template, self.limits = model, proc, tokenizer, template, limits
+
+    def prepare(self, images, prompt: str, chat: bool, params: SamplingParams) -> PreparedRequest:
+        t0 = time.perf_counter()
+        if not isinstance(prompt, str):
+            raise UnsupportedInputError(f"prompt must be a string, not {type(prompt).__name__}")
+        items = as_items(images)
+        n_images = sum(not isinstance(x, Video) for x in items)
+        videos = [x for x in items if isinstance(x, Video)]
+        n_frames = sum(v.num_frames for v in videos)
+        if n_images > self.limits.max_images:
+            raise TooManyImagesError(f"{n_images} images in one request; this engine allows at most {self.limits.max_images}")
+        if n_frames > self.limits.max_video_frames:
+            raise TooManyImagesError(
+                f"{n_frames} video frames in one request; this engine allows at most {self.limits.max_video_frames}"
+            )
+        ids = self._prompt_ids(prompt, chat, n_images, len(videos))
+        decoded = [x if isinstance(x, Video) else to_rgb(x) for x in items]
+        counts = [self._num_tokens(x, n_images) for x in decoded]
+        # Reject over-long requests before the costly resizing.
+        prompt_tokens = len(ids) - n_images - len(videos) + sum(counts)
+        if prompt_tokens + params.max_new_tokens > self.limits.max_seq_len:
+            raise ContextLengthError(
+                f"the prompt is {prompt_tokens} tokens (media included) and max_new_tokens is {params.max_new_tokens}: "
+                f"{prompt_tokens + params.max_new_tokens} > this engine's context of {self.limits.max_seq_len}"
+            )
+        visual = [self._tile(x, n_images) for x in decoded]
+        ids = self._expand(ids, visual)
+        return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
+
+    def _prompt_ids(self, prompt: str, chat: bool, n_images: int, n_videos: int) -> list[int]:
+        if chat:
+            if IMAGE_TOKEN in prompt or VIDEO_TOKEN in prompt:
+                raise PlaceholderError(
+                    "the prompt contains <image>/<video>: with chat=True the chat template places the media; "
+                    "remove them, or pass chat=False and a fully formatted prompt"
+                )
+            if self.template is None:
+                raise PlaceholderError("this checkpoint has no chat template; pass chat=False with a formatted prompt")
+            content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
+            try:
+                text = self.template.render(
+                    [{"role": "user", "content": content}], add_generation_prompt=True,
+                    tools=None, documents=None, **self.tokenizer.special_tokens_map,
+                )
+            except jinja2.TemplateError as e:
+                raise PlaceholderError(f"the checkpoint's chat template rejected the request: {e}") from e
+        else:
+            text = prompt
+        ids = self.tokenizer.encode(text)
+        found_images, found_videos = ids.count(self.model.image_token_id), ids.count(self.model.video_token_id)
+        if (found_images, found_videos) != (n_images, n_videos):
+            raise PlaceholderError(
+                f"the prompt has {found_images} <image> and {found_videos} <video> placeholders but "
+                f"{n_images} images and {n_videos} videos were passed; with chat=False put one placeholder per item"
+            )
+        return ids
+
+    def _num_tokens(self, item, n_images: int) -> int:
+        g = self.model.vision.grid
+        if isinstance(item, Video):
+            return anyres.video_num_tokens(item.num_frames, g)
+        if n_images > 1:
+            return anyres.multi_image_num_tokens(g)
+        h, w = item.shape[:2]
+        return anyres.anyres_num_tokens(h, w, self.model.grid_pinpoints, self.proc.tile, g, self.model.max_num_patches)
+
+    def _tile(self, item, n_images: int) -> VisualItem:
+        if isinstance(item, Video):
+            return video_tiles(item.rgb_frames(), self.model, self.proc)
+        if n_images > 1:
+            return padded_square_tile(item, self.model, self.proc)
+        return anyres_tiles(item, self.model, self.proc)
+
+    def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
+        """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""
+        image_id, video_id = self.model.image_token_id, self.model.video_token_id
+        images = iter([v for v in visual if v.kind != "video"])
+        videos = iter([v for v in visual if v.kind == "video"])
+        out: list[int] = []
+        for t in ids:
+            if t == image_id:
+                out.extend([image_id] * next(images).num_tokens)
+            elif t == video_id:
+                out.extend([video_id] * next(videos).num_tokens)
+            else:
+                out.append(t)
+        return out
