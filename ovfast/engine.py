@@ -112,9 +112,16 @@ class Engine:
         return self.checkpoint.random_weights is not None
 
     def complete(self, images, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True) -> Completion:
-        """Answer one request. ``images``: an image, an ``ovfast.Video``, a list of them, or None."""
-        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop)
+                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
+                 ignore_eos: bool = False) -> Completion:
+        """Answer one request. ``images``: an image, an ``ovfast.Video``, a list of them, or None.
+
+        Greedy when temperature is 0; otherwise temperature, top-k (0 = off) and top-p sampling,
+        reproducible under ``seed``. Generation ends at the checkpoint's eos ids (unless
+        ``ignore_eos``, for benchmarks), at any ``stop`` string (cut from the text), or after
+        ``max_new_tokens``.
+        """
+        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         with self._exclusive():
             req = self.requests.prepare(images, prompt, chat, params)
             return self._run([req])[0]
@@ -124,20 +131,22 @@ class Engine:
         return self.complete(images, prompt, **kw).text
 
     def stream(self, images, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True) -> Iterator[str]:
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
+               ignore_eos: bool = False) -> Iterator[str]:
         """Yield the answer's text in pieces as tokens arrive; the pieces join to ``complete(...).text``.
 
         Pieces hold whole characters only. The engine is reserved until the iterator is exhausted
         or closed.
         """
-        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop)
+        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         # Validate eagerly so bad input raises at the call, not at the first next().
         with self._exclusive():
             req = self.requests.prepare(images, prompt, chat, params)
         return self._stream(req)
 
     def complete_many(self, requests, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                      top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True) -> list[Completion]:
+                      top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
+                      ignore_eos: bool = False) -> list[Completion]:
         """Answer several requests together through the shared cache; completions come back in order.
 
         Each request is ``(images, prompt)`` or ``(images, prompt, overrides)`` where ``overrides``
@@ -146,7 +155,7 @@ class Engine:
         waiting one. Under greedy decoding each gets exactly what ``complete`` gives it alone.
         """
         shared = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      seed=seed, stop=stop, chat=chat)
+                      seed=seed, stop=stop, chat=chat, ignore_eos=ignore_eos)
         with self._exclusive():
             prepared = []
             for i, r in enumerate(requests):
@@ -322,15 +331,13 @@ class Engine:
         return stepped
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence | None]) -> list[int]:
+        """Next token of each row (None rows are idle and decode greedily)."""
         params = [s.request.params if s else None for s in seqs]
-        if all(p is None or p.temperature == 0 for p in params):
-            return logits.argmax(dim=-1).tolist()
         dev = logits.device
         temperature = torch.tensor([p.temperature if p else 0.0 for p in params], device=dev)
         top_p = torch.tensor([p.top_p if p else 1.0 for p in params], device=dev)
         top_k = torch.tensor([p.top_k if p else 0 for p in params], device=dev)
         return sample(logits, temperature, top_p, top_k, [s.generator if s else None for s in seqs]).tolist()
-
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, max_batch_size: int = 4, max_seq_len: int | None = None,
          max_images: int = 16, max_video_frames: int = 64) -> Engine:

@@ -102,7 +102,7 @@ class Sequence:
     def add_token(self, token: int, eos_ids: frozenset[int]) -> None:
         self.tokens.append(token)
         self.text.push(token)
-        if token in eos_ids or self.text.stopped:
+        if (token in eos_ids and not self.request.params.ignore_eos) or self.text.stopped:
             self.finish_reason = "stop"
         elif len(self.tokens) >= self.request.params.max_new_tokens:
             self.finish_reason = "length"

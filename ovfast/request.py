@@ -36,9 +36,11 @@ class SamplingParams:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     @classmethod
-    def make(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None) -> "SamplingParams":
+    def make(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
+             ignore_eos=False) -> "SamplingParams":
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
             raise GenerationParamsError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
@@ -59,7 +61,7 @@ class SamplingParams:
             raise GenerationParamsError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(s == "" for s in stop):
             raise GenerationParamsError("stop strings must not be empty")
-        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop)
+        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop, bool(ignore_eos))
 
 
 @dataclass

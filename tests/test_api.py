@@ -84,6 +84,8 @@ def test_eos_from_generation_config_stops_like_transformers(tiny, tmp_path):
     c = e2.complete(None, prompt, max_new_tokens=12)
     assert c.finish_reason == "stop" and c.token_ids == free[:4]
     assert c.token_ids == ref.greedy(str(ckpt), [], prompt, 12)
+    forced = e2.complete(None, prompt, max_new_tokens=12, ignore_eos=True)  # benchmarks need fixed lengths
+    assert forced.token_ids == free and forced.finish_reason == "length"
 
 
 def test_sampling_is_reproducible_under_seed(ckpt):
