@@ -1,6 +1,11 @@
 """Triton kernels for ovfast, installed as the subpackage ``ovfast.kernels``.
 
 This folder is mapped to ``ovfast.kernels`` by setup.py (a top-level ``kernels`` module would clash
-with the PyPI package of that name). Each kernel replaces one function of ``ovfast.ops`` and is
-tested against it under ``TRITON_INTERPRET=1``.
+with the PyPI package of that name). Each public function here replaces the same-named op of
+``ovfast.ops`` when kernels are enabled (``ovfast.backends``), takes the same arguments, and is
+tested against ``ovfast.ops.<name>.reference`` under ``TRITON_INTERPRET=1`` on the CPU.
 """
+
+# Vision kernels
+
+# Decoder kernels

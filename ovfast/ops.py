@@ -1,31 +1,52 @@
 """The operations optimised kernels replace, each behind one function with its plain-torch version.
 
-Model code calls only these for the hot steps. The versions here are the reference semantics
-(and what runs on the CPU): they follow transformers' operation order and dtype casts, so the
-models built on them match ``LlavaOnevisionForConditionalGeneration``. Tensor layouts are the
-ones the Triton and flash-attn backends use (packed [tokens, heads, head_dim] activations, a
-[slots, max_len, kv_heads, head_dim] KV cache), so a backend can replace a function without
-touching its callers.
+Model code calls only these for the hot steps. The bodies here are the reference semantics (and
+what runs on the CPU): they follow transformers' operation order and dtype casts, so the models
+built on them match ``LlavaOnevisionForConditionalGeneration``. Each op is ``@dispatch``ed: with
+kernels enabled (see ``ovfast.backends``) the same-named function of ``ovfast.kernels`` runs
+instead, and ``op.reference`` is the torch body the kernel tests compare against. Tensor layouts
+are the ones the Triton and flash-attn backends use (packed [tokens, heads, head_dim]
+activations, a [slots, max_len, kv_heads, head_dim] KV cache).
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from .backends import dispatch
+
+DISPATCHED = (
+    "patch_embed", "bilinear_resize", "projector", "rms_norm", "rope", "silu_mul", "attention_prefill",
+    "attention_decode",
+)
+
 
 # --- vision -------------------------------------------------------------------------------------
 
 
-def patch_embed(pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor) -> torch.Tensor:
+@dispatch
+def patch_embed(
+    pixels: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, pos_embed: torch.Tensor,
+    scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Non-overlapping patch embedding plus learned positions.
 
-    pixels (N, 3, H, W) in the weight's dtype, weight (D, 3, p, p), bias (D,), pos_embed (P, D)
-    -> (N, P, D) with P = (H // p) * (W // p); pixels past the last whole patch are ignored.
+    pixels (N, 3, H, W), any strides, float or uint8; weight (D, 3, p, p), bias (D,), pos_embed
+    (P, D) -> (N, P, D) with P = (H // p) * (W // p); pixels past the last whole patch are ignored.
+    Equal to conv2d(pixels * scale + shift, weight, bias, stride=p).flatten(2).transpose(1, 2)
+    + pos_embed, where the optional per-channel (3,) scale and shift fold the normalisation in
+    (computed in fp32) and the conv runs in the weight's dtype.
     """
-    x = F.conv2d(pixels, weight, bias, stride=weight.shape[-1])  # (N, D, H/p, W/p)
-    return x.flatten(2).transpose(1, 2) + pos_embed
+    x = pixels
+    if scale is not None or shift is not None:
+        x = x.float()
+        x = x * scale.view(1, -1, 1, 1) if scale is not None else x
+        x = x + shift.view(1, -1, 1, 1) if shift is not None else x
+    y = F.conv2d(x.to(weight.dtype), weight, bias, stride=weight.shape[-1])  # (N, D, H/p, W/p)
+    return y.flatten(2).transpose(1, 2) + pos_embed
 
 
+@dispatch
 def bilinear_resize(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     """Bilinear resize of a channels-last map, align_corners=False and no antialias.
 
@@ -35,17 +56,24 @@ def bilinear_resize(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return y.permute(0, 2, 3, 1).to(x.dtype)
 
 
+@dispatch
 def projector(
     x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor, b2: torch.Tensor | None,
-    approximate: str = "none",
+    approximate: str = "none", out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The multimodal projector: gelu(x @ w1.T + b1) @ w2.T + b2 (erf GELU for LLaVA-OneVision)."""
-    return F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+    """The multimodal projector: gelu(x @ w1.T + b1) @ w2.T + b2 (erf GELU for LLaVA-OneVision).
+
+    x (..., E) -> (..., D). With ``out`` (a tensor or view of that shape) the result is written
+    there and ``out`` is returned.
+    """
+    y = F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)
+    return out.copy_(y) if out is not None else y
 
 
 # --- decoder ------------------------------------------------------------------------------------
 
 
+@dispatch
 def rms_norm(
     x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
@@ -72,6 +100,7 @@ def rope_cos_sin_cache(head_dim: int, theta: float, max_positions: int, device=N
     return torch.cat((angles.cos(), angles.sin()), dim=-1)
 
 
+@dispatch
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
     """Half-split (NeoX) rotary embedding, in place on q (T, Hq, d) and k (T, Hkv, d).
 
@@ -87,6 +116,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cach
         x.copy_(rotated)
 
 
+@dispatch
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     """SwiGLU on a fused gate/up projection: silu(gate_up[..., :I]) * gate_up[..., I:]."""
     gate, up = gate_up.chunk(2, dim=-1)
@@ -101,6 +131,7 @@ def _expand_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+@dispatch
 def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
     causal: bool = True, scale: float | None = None,
@@ -129,6 +160,7 @@ def attention_prefill(
     return out
 
 
+@dispatch
 def attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:

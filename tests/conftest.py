@@ -13,11 +13,24 @@ import sys
 import pytest
 import torch
 
+# Without a GPU, Triton kernels run in Triton's interpreter (set before any kernel is defined).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import ovfast  # noqa: E402
 
 torch.manual_seed(0)
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run with `pytest -m gpu` on a machine that has one)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
 
 CHECKPOINTS = {
     "tiny": dict(preset="tiny", dtype="float16", layout="llava-hf", template_file="json"),

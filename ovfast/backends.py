@@ -1,0 +1,96 @@
+"""Which implementation runs each operation of ``ovfast.ops``: a Triton kernel or plain torch.
+
+Every op in ``ovfast.ops`` is decorated with ``dispatch``; when the kernels are enabled for the
+op's tensors and ``ovfast.kernels`` has a function of the same name, that function runs instead
+of the torch body (which stays available as ``op.reference``, the kernels' test oracle).
+
+``OVFAST_KERNELS`` picks the mode at start-up; ``set_kernel_mode`` / ``kernel_mode`` change it:
+
+* ``auto`` (default): Triton kernels for CUDA tensors when Triton is installed, torch otherwise;
+* ``triton``: Triton kernels for every tensor (CPU tensors need ``TRITON_INTERPRET=1``: tests);
+* ``torch``: plain torch everywhere.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import os
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+
+MODES = ("auto", "triton", "torch")
+_mode = os.environ.get("OVFAST_KERNELS", "auto").lower()
+if _mode not in MODES:
+    raise ValueError(f"OVFAST_KERNELS={_mode!r}; use one of {MODES}")
+
+
+@functools.cache
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def set_kernel_mode(mode: str) -> None:
+    global _mode
+    if mode not in MODES:
+        raise ValueError(f"kernel mode {mode!r}; use one of {MODES}")
+    _mode = mode
+
+
+def get_kernel_mode() -> str:
+    return _mode
+
+
+@contextmanager
+def kernel_mode(mode: str):
+    """Run a block with another kernel mode (tests force the Triton path with it)."""
+    previous = _mode
+    set_kernel_mode(mode)
+    try:
+        yield
+    finally:
+        set_kernel_mode(previous)
+
+
+def use_triton(device: torch.device) -> bool:
+    if _mode == "torch":
+        return False
+    if _mode == "triton":
+        return True
+    return device.type == "cuda" and triton_available()
+
+
+@functools.cache
+def _kernels():
+    import ovfast.kernels
+
+    return ovfast.kernels
+
+
+def kernel_for(name: str, device: torch.device) -> Callable | None:
+    """The Triton implementation of op ``name`` for tensors on ``device``, or None for the torch one."""
+    if not use_triton(device):
+        return None
+    return getattr(_kernels(), name, None)
+
+
+def dispatch(fn: Callable) -> Callable:
+    """Route calls of a torch op to its Triton kernel when enabled; the device is the first tensor's."""
+
+    @functools.wraps(fn)
+    def op(*args, **kwargs):
+        first = next((a for a in args if isinstance(a, torch.Tensor)), None)
+        impl = kernel_for(fn.__name__, first.device) if first is not None else None
+        return (impl or fn)(*args, **kwargs)
+
+    op.reference = fn
+    return op
+
+
+def report(device: torch.device | str) -> dict[str, str]:
+    """Which implementation each op uses on ``device``: "triton" or "torch"."""
+    from . import ops
+
+    device = torch.device(device)
+    return {name: ("triton" if kernel_for(name, device) else "torch") for name in ops.DISPATCHED}
