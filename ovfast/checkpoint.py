@@ -56,7 +56,7 @@ def resolve(model: str | os.PathLike) -> Path:
         ) from e
 
 
-def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
+def open_checkpoint(model: str | os.PathLike, need_weights: bool = True) -> Checkpoint:
     path = resolve(model)
     config = _read_json(path / "config.json", required=True)
     tokenizer_file = path / "tokenizer.json"
@@ -71,7 +71,7 @@ def open_checkpoint(model: str | os.PathLike) -> Checkpoint:
         tokenizer_config=tokenizer_config,
         tokenizer_file=tokenizer_file,
         chat_template=_chat_template(path, tokenizer_config),
-        weight_files=_weight_files(path),
+        weight_files=_weight_files(path) if need_weights else [],
     )
 
 

@@ -63,6 +63,11 @@ def _build(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser: ovfast bench --help
+        from .bench import main as bench_main
+
+        return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ovfast", description="Fast LLaVA-OneVision inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -98,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--layout", default="llava-hf", choices=["llava-hf", "transformers5"])
     b.add_argument("--no-weights", action="store_true", help="configs and tokenizer only")
     b.set_defaults(func=_build)
+    sub.add_parser("bench", help="latency against transformers and the decode roofline (ovfast bench --help)")
 
     args = parser.parse_args(argv)
     try:

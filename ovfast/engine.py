@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -24,13 +24,14 @@ from .errors import ConfigError, OvfastError, UnsupportedInputError
 from .generation import Completion, Sequence, TextAssembler, Timings
 from .kv_cache import KVCache, round_up
 from .models.llava_onevision import LlavaOnevision
+from .decode import DecodeRunner
 from .models.qwen2 import ForwardBatch
 from .ops import sample
 from .preprocess import PixelNormalizer, ProcessingConfig
 from .media import Video
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .tokenizer import ChatTemplate, Tokenizer
-from .weights import load_weights
+from .weights import load_weights, mapping_tensors, safetensors_tensors
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -67,7 +68,8 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
 class Engine:
     """A loaded LLaVA-OneVision model. Create with ``ovfast.load``. Thread-safe: calls run one at a time."""
 
-    def __init__(self, ckpt: Checkpoint, device=None, dtype=None, config: EngineConfig = EngineConfig()):
+    def __init__(self, ckpt: Checkpoint, device=None, dtype=None, config: EngineConfig = EngineConfig(),
+                 weights: Mapping[str, torch.Tensor] | None = None):
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         self.dtype = _resolve_dtype(dtype, self.device)
         self.checkpoint = ckpt
@@ -96,11 +98,16 @@ class Engine:
         model = model.to(self.dtype).to_empty(device=self.device)
         if cfg.text.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
             model.language_model.lm_head = model.language_model.embed_tokens
-        load_weights(model, ckpt.weight_files)
+        load_weights(model, mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files))
         model.language_model.set_max_positions(max_seq_len)
         self.model = model.eval().requires_grad_(False)
         self.load_ms = (time.perf_counter() - t0) * 1e3
         self.cache = KVCache(cfg.text, config.max_batch_size, round_up(max_seq_len, 16), self.dtype, self.device)
+        self.runner = DecodeRunner(self.model.language_model, self.cache, self.device)
+        # Two host buffers for the sampled tokens: one being read while the next step fills the other.
+        pin = self.device.type == "cuda"
+        self._host_tokens = [torch.zeros(config.max_batch_size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+        self._flip = 0
         self._lock = threading.Lock()
         self._owner: int | None = None
 
@@ -189,6 +196,17 @@ class Engine:
             hidden = self._prefill(req, slot=0)
             return self.model.language_model.logits(hidden)
 
+    def info(self) -> dict:
+        """What runs where: device, dtype, each op's backend, CUDA graphs, KV-cache size."""
+        from .backends import report
+
+        return {
+            "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
+            "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
+            "graph_capture_ms": self.runner.capture_ms, "kv_cache_gib": self.cache.nbytes / 2**30,
+            "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
+        }
+
     # --- internals ----------------------------------------------------------------------------
 
     def _eos_ids(self) -> list[int]:
@@ -231,30 +249,72 @@ class Engine:
             torch.cuda.synchronize(self.device)
 
     def _generate(self, reqs: list[PreparedRequest]) -> Iterator[Sequence]:
-        """Run requests to completion; yields a sequence after each token it gains (and once finished)."""
+        """Run requests to completion; yields a sequence after each token it gains (and once finished).
+
+        Decode steps are queued one ahead: while the device computes step t+1, the host turns
+        step t's tokens into text and checks the stop conditions, synchronising once per step. A
+        sequence found finished at step t already had step t+1 computed; that token is dropped.
+        """
         pending = deque(enumerate(reqs))
         width = min(self.cache.slots, len(reqs))  # decode rows are slots 0..width-1
         active: dict[int, Sequence] = {}
-        while pending or active:
+        in_flight = None
+        try:
+            while pending or active or in_flight:
+                for slot in range(width):
+                    if slot in active or not pending:
+                        continue
+                    seq = self._start(*pending.popleft(), slot)
+                    yield seq
+                    if not seq.finish_reason:
+                        active[slot] = seq
+                        p = seq.request.params
+                        self.runner.admit(slot, seq.tokens[-1], seq.length, p.temperature, p.top_p, p.top_k)
+                queued = self._queue_step(active) if active else None
+                if in_flight is not None:
+                    for seq in self._collect(*in_flight):
+                        yield seq
+                        if seq.finish_reason:
+                            del active[seq.slot]
+                            self.runner.retire(seq.slot)
+                in_flight = queued
+        finally:  # also on errors and abandoned streams: no row keeps advancing into the next call
             for slot in range(width):
-                if slot in active or not pending:
-                    continue
-                seq = self._start(*pending.popleft(), slot)
-                yield seq
-                if not seq.finish_reason:
-                    active[slot] = seq
-            if not active:
+                self.runner.retire(slot)
+
+    def _queue_step(self, active: dict[int, Sequence]):
+        """Launch one decode step for the active slots; returns what ``_collect`` needs to read it."""
+        sampling = any(s.request.params.temperature > 0 for s in active.values())
+        if sampling:
+            for slot, seq in active.items():
+                if seq.request.params.temperature > 0:
+                    self.runner.fill_noise(slot, seq.generator)
+        out = self.runner.step(max(active) + 1, sampling)
+        self._flip ^= 1
+        host = self._host_tokens[self._flip][: out.shape[0]]
+        host.copy_(out, non_blocking=True)
+        event = None
+        if self.device.type == "cuda":
+            event = torch.cuda.Event()
+            event.record()
+        return host, event, dict(active)
+
+    def _collect(self, host: torch.Tensor, event, stepped: dict[int, Sequence]) -> list[Sequence]:
+        """Wait for a queued step and hand each of its still-running sequences its token."""
+        if event is not None:
+            event.synchronize()
+        tokens = host.tolist()
+        now = time.perf_counter()
+        out = []
+        for slot, seq in stepped.items():
+            if seq.finish_reason:  # finished at the previous step: this token is surplus
                 continue
-            rows = max(active) + 1
-            t0 = time.perf_counter()
-            stepped = self._decode_step(active, rows)
-            step_ms = (time.perf_counter() - t0) * 1e3
-            for seq in stepped:
-                seq.timings.decode_ms += step_ms
-                seq.timings.decode_tokens += 1
-                yield seq
-                if seq.finish_reason:
-                    del active[seq.slot]
+            seq.length += 1
+            seq.add_token(tokens[slot], self.eos_ids)
+            seq.timings.decode_ms = (now - seq.decode_start) * 1e3
+            seq.timings.decode_tokens = len(seq.tokens) - 1
+            out.append(seq)
+        return out
 
     @torch.inference_mode()
     def _start(self, index: int, req: PreparedRequest, slot: int) -> Sequence:
@@ -266,8 +326,17 @@ class Engine:
         seq = Sequence(index, req, slot, TextAssembler(self.tokenizer, p.stop), gen, Timings(preprocess_ms=req.preprocess_ms))
         hidden = self._prefill(req, slot, seq.timings)
         t0 = time.perf_counter()
-        token = self._sample(self.model.language_model.logits(hidden[-1:]), [seq])[0]  # syncs: .tolist()
-        seq.timings.prefill_ms += (time.perf_counter() - t0) * 1e3  # the first token is part of prefill
+        logits = self.model.language_model.logits(hidden[-1:])
+        if p.temperature > 0:
+            dev = logits.device
+            noise = torch.empty_like(logits).exponential_(generator=gen)
+            token = sample(logits, torch.tensor([p.temperature], device=dev), torch.tensor([p.top_p], device=dev),
+                           torch.tensor([p.top_k], device=dev), noise)
+        else:
+            token = logits.argmax(dim=-1)
+        token = int(token)  # synchronises: the first token is part of prefill
+        seq.decode_start = time.perf_counter()
+        seq.timings.prefill_ms += (seq.decode_start - t0) * 1e3
         seq.length = len(req.input_ids)
         seq.add_token(token, self.eos_ids)
         return seq
@@ -311,40 +380,16 @@ class Engine:
             if rows:
                 h[ids == token] = torch.cat(rows).to(h.dtype)
 
-    @torch.inference_mode()
-    def _decode_step(self, active: dict[int, Sequence], rows: int) -> list[Sequence]:
-        """One token for every active slot among rows 0..rows-1; idle rows compute on a dummy."""
-        tokens = torch.zeros(rows, dtype=torch.long)
-        positions = torch.zeros(rows, dtype=torch.long)
-        for slot, seq in active.items():
-            tokens[slot], positions[slot] = seq.tokens[-1], seq.length
-        tokens, positions = tokens.to(self.device), positions.to(self.device)
-        lm = self.model.language_model
-        out = lm(lm.embed(tokens), ForwardBatch.decode(positions), self.cache.k, self.cache.v)
-        row_seqs = [active.get(r) for r in range(rows)]
-        next_tokens = self._sample(lm.logits(out), row_seqs)
-        stepped = []
-        for slot, seq in active.items():
-            seq.length += 1
-            seq.add_token(next_tokens[slot], self.eos_ids)
-            stepped.append(seq)
-        return stepped
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence | None]) -> list[int]:
-        """Next token of each row (None rows are idle and decode greedily)."""
-        params = [s.request.params if s else None for s in seqs]
-        dev = logits.device
-        temperature = torch.tensor([p.temperature if p else 0.0 for p in params], device=dev)
-        top_p = torch.tensor([p.top_p if p else 1.0 for p in params], device=dev)
-        top_k = torch.tensor([p.top_k if p else 0 for p in params], device=dev)
-        return sample(logits, temperature, top_p, top_k, [s.generator if s else None for s in seqs]).tolist()
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, max_batch_size: int = 4, max_seq_len: int | None = None,
-         max_images: int = 16, max_video_frames: int = 64) -> Engine:
+         max_images: int = 16, max_video_frames: int = 64, weights: Mapping[str, torch.Tensor] | None = None) -> Engine:
     """Load a LLaVA-OneVision checkpoint: a local Hugging Face directory or a Hub id.
 
-    Defaults: CUDA when available, else CPU; bfloat16 on a GPU, float32 on the CPU.
+    Defaults: CUDA when available, else CPU; bfloat16 on a GPU, float32 on the CPU. ``weights``
+    (a name -> tensor mapping in any supported naming, e.g. a transformers state_dict) replaces
+    the checkpoint's safetensors files, which then need not exist.
     """
     config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_images=max_images,
                           max_video_frames=max_video_frames)
-    return Engine(open_checkpoint(model), device=device, dtype=dtype, config=config)
+    return Engine(open_checkpoint(model, need_weights=weights is None), device=device, dtype=dtype, config=config,
+                  weights=weights)

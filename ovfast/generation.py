@@ -96,6 +96,7 @@ class Sequence:
     generator: torch.Generator | None
     timings: Timings
     length: int = 0  # positions of this sequence already in the cache
+    decode_start: float = 0.0  # perf_counter() when the first token was out
     tokens: list[int] = field(default_factory=list)
     finish_reason: str | None = None
 

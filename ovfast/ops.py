@@ -188,19 +188,18 @@ def attention_decode(
 
 
 def sample(
-    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor,
-    generators: list[torch.Generator | None],
+    logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor,
 ) -> torch.Tensor:
-    """Next token per row of fp32 logits (B, V).
+    """Next token per row of logits (B, V); no host synchronisation, so it can live in a CUDA graph.
 
     Rows with temperature 0 take the argmax (the first on ties, as torch and transformers do).
     Other rows: logits / temperature, then top-k (0 = off), then top-p (1.0 = off; the smallest
-    set whose probability reaches top_p, never empty), then a draw from that row's generator.
+    set of most likely tokens whose probability reaches top_p, never empty), then a draw using
+    ``noise`` (B, V) of Exp(1) samples the caller takes from each request's own generator: the
+    exponential race argmax(p / E) picks token i with probability p_i.
     """
     logits = logits.float()
     greedy = logits.argmax(dim=-1)
-    if not bool((temperature > 0).any()):
-        return greedy
     x = logits / temperature.clamp_min(1e-6)[:, None]
     vocab = x.shape[-1]
     k = torch.where(top_k > 0, top_k.clamp(max=vocab), torch.full_like(top_k, vocab))
@@ -210,11 +209,6 @@ def sample(
     probs = sorted_x.softmax(dim=-1)
     # Drop a token when the tokens ranked above it already reach top_p.
     before = probs.cumsum(dim=-1) - probs
-    sorted_x = sorted_x.masked_fill((before >= top_p[:, None]) & (ranks > 0), float("-inf"))
-    probs = sorted_x.softmax(dim=-1)
-    # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p, one generator per row.
-    noise = torch.empty_like(probs)
-    for i, g in enumerate(generators):
-        noise[i].exponential_(generator=g)
+    probs = probs.masked_fill((before >= top_p[:, None]) & (ranks > 0), 0.0)
     picked = order.gather(-1, (probs / noise).argmax(dim=-1, keepdim=True)).squeeze(-1)
     return torch.where(temperature > 0, picked, greedy)

@@ -198,7 +198,7 @@ def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
 
 
 def _random_tensor(shape, kind: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(shape, generator=gen, dtype=torch.float32)
+    x = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device)
     if kind == "norm":  # around 1, so the RMSNorm / LayerNorm weight multiply is exercised
         x = 1.0 + 0.1 * x
     elif kind == "bias":
@@ -208,6 +208,17 @@ def _random_tensor(shape, kind: str, dtype: torch.dtype, gen: torch.Generator) -
     else:  # 1/sqrt(fan_in): every layer moves the residual stream, so answers vary with the input
         x = x / math.sqrt(math.prod(shape[1:]))
     return x.to(dtype)
+
+
+def random_state(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict[str, torch.Tensor]:
+    """Random weights for ``config`` as an in-memory state dict (transformers 5.x names), made on ``device``.
+
+    For ``ovfast.load(dir, weights=...)`` where writing the checkpoint would be too slow or too big
+    (the 7B and 72B shapes): latency does not depend on the weights' values.
+    """
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return {disk_name(name, "transformers5"): _random_tensor(shape, kind, dtype, gen)
+            for name, shape, kind in tensor_specs(config)}
 
 
 def build_checkpoint(

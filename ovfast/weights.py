@@ -6,7 +6,9 @@ never holds a second copy of the model. q/k/v and gate/up land in row slices of 
 """
 from __future__ import annotations
 
+import functools
 import re
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 
 import torch
@@ -79,12 +81,8 @@ def _skippable(canon: str, model: LlavaOnevision) -> bool:
     return bool(m) and int(m.group(1)) >= len(model.vision_tower.layers)  # layers past the feature layer
 
 
-@torch.no_grad()
-def load_weights(model: LlavaOnevision, files: list[Path]) -> None:
-    """Fill every parameter of ``model`` (already on its device and dtype) from safetensors files."""
-    dest = _destinations(model)
-    loaded: set[str] = set()
-    unexpected: list[str] = []
+def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+    """(where, name, read) for every tensor of the files; ``read`` loads that one tensor only."""
     for f in files:
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
@@ -92,20 +90,36 @@ def load_weights(model: LlavaOnevision, files: list[Path]) -> None:
             raise ModelLoadError(f"cannot read weights file {f}: {e}") from e
         with handle:
             for key in handle.keys():
-                canon = canonical_name(key)
-                if canon is None or canon not in dest:
-                    if canon is None or not _skippable(canon, model):
-                        unexpected.append(key)
-                    continue
-                param, rows = dest[canon]
-                target = param if rows is None else param[rows]
-                tensor = handle.get_tensor(key)
-                if tuple(tensor.shape) != tuple(target.shape):
-                    raise ModelLoadError(
-                        f"{f.name}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}"
-                    )
-                target.copy_(tensor)  # casts (e.g. fp16 on disk -> bf16) and moves to the device
-                loaded.add(canon)
+                yield f.name, key, functools.partial(handle.get_tensor, key)
+
+
+def mapping_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+    """The same for in-memory tensors (a transformers state_dict, or ``random_checkpoint.random_state``)."""
+    for key, tensor in state.items():
+        yield "state dict", key, (lambda t=tensor: t)
+
+
+@torch.no_grad()
+def load_weights(model: LlavaOnevision, tensors: Iterable[tuple[str, str, Callable[[], torch.Tensor]]]) -> None:
+    """Fill every parameter of ``model`` (already on its device and dtype) from (where, name, read) triples."""
+    dest = _destinations(model)
+    loaded: set[str] = set()
+    unexpected: list[str] = []
+    for where, key, read in tensors:
+        canon = canonical_name(key)
+        if canon is None or canon not in dest:
+            if canon is None or not _skippable(canon, model):
+                unexpected.append(key)
+            continue
+        param, rows = dest[canon]
+        target = param if rows is None else param[rows]
+        tensor = read()
+        if tuple(tensor.shape) != tuple(target.shape):
+            raise ModelLoadError(
+                f"{where}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}"
+            )
+        target.copy_(tensor)  # casts (e.g. fp16 on disk -> bf16) and moves to the device
+        loaded.add(canon)
     if unexpected:
         raise ModelLoadError(
             f"the checkpoint has {len(unexpected)} tensors ovfast does not know, e.g. {unexpected[:3]}; "

@@ -1,0 +1,311 @@
+"""``ovfast bench``: one request through ovfast and through transformers, in the same run.
+
+For a request (one 640x480 image, a 10-crop image, 8 images, a 32-frame video, or text only) it
+reports preprocessing, vision, prefill, time to first token, decode ms/token and tokens/s and
+peak GPU memory for both engines (same weights, same dtype, greedy, transformers with SDPA), the
+ratios, and the decode roofline: weight bytes read per token over the measured device copy
+bandwidth. Model presets (tiny, 0.5b, 7b, 72b) are random weights made in memory at the real
+shapes, so nothing is downloaded; a directory or Hub id benchmarks a real checkpoint. Results go
+to ``benchmarks/results/`` as JSON and Markdown. Timings are best of ``--repeat`` runs after a
+warm-up that also captures the CUDA graphs and compiles the Triton kernels (reported apart).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .demo import cache_dir, synthetic_image
+from .engine import Engine, load
+from .media import Video
+from .random_checkpoint import PRESETS, build_checkpoint, random_state, tensor_specs
+
+REQUESTS = {
+    "image": lambda: ([synthetic_image(480, 640, 1)], []),  # one 640x480 photo: 5 tiles, 2929 tokens
+    "image10": lambda: ([synthetic_image(899, 1024, 2)], []),  # 10 tiles, 6551 tokens
+    "images8": lambda: ([synthetic_image(480, 640, 10 + i) for i in range(8)], []),  # 8 x 730 tokens
+    "video32": lambda: ([], [[np.asarray(synthetic_image(360, 640, 100 + i)) for i in range(32)]]),  # 6273 tokens
+    "text": lambda: ([], []),
+}
+_WORDS = "please describe what you see in detail and mention every colour object person and action".split()
+
+
+def _log(msg: str) -> None:
+    print(f"[bench] {msg}", file=sys.stderr, flush=True)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def question(engine: Engine, tokens: int) -> str:
+    """A question of about ``tokens`` tokens (counted with the model's tokenizer)."""
+    words = ["What", "is", "shown", "here?"]
+    i = 0
+    while len(engine.tokenizer.encode(" ".join(words))) < tokens:
+        words.insert(-1, _WORDS[i % len(_WORDS)])
+        i += 1
+    return " ".join(words)
+
+
+def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29) -> float:
+    """Device memory bandwidth in GB/s from a large copy (bytes read + bytes written)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(5):
+        _sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def decode_bytes_per_token(engine: Engine) -> int:
+    """Weight bytes one decode step reads: every decoder layer, the final norm and the lm_head
+    (the embedding table is only gathered, one row per token)."""
+    lm = engine.model.language_model
+    layers = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
+    return layers + lm.norm.numel() * lm.norm.element_size() + lm.lm_head.numel() * lm.lm_head.element_size()
+
+
+def _peak_memory(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int):
+    """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights."""
+    hf = None
+    if model in PRESETS:
+        path = cache_dir() / f"bench-{model}-config"
+        if not (path / "config.json").is_file():
+            build_checkpoint(path, model, weights=False)
+        config = json.loads((path / "config.json").read_text())
+        _check_memory(config, device, dtype, copies=2 if compare else 1)
+        if compare:
+            from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
+
+            _log(f"random {model} weights in transformers on {device} ...")
+            hf_config = LlavaOnevisionConfig(**{k: v for k, v in config.items() if k != "ovfast_random_weights"})
+            with torch.device(device):
+                hf = LlavaOnevisionForConditionalGeneration._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
+            weights = hf.state_dict()
+        else:
+            _log(f"random {model} weights on {device} ...")
+            weights = random_state(config, dtype=dtype, device=device)
+        engine = load(path, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len, weights=weights)
+        del weights
+    else:
+        path = model
+        engine = load(model, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len)
+        if compare:
+            from transformers import LlavaOnevisionForConditionalGeneration
+
+            hf = LlavaOnevisionForConditionalGeneration.from_pretrained(
+                engine.checkpoint.path, dtype=dtype, attn_implementation="sdpa").to(device)
+        path = engine.checkpoint.path
+    return str(path), engine, (hf.eval() if hf is not None else None)
+
+
+def _check_memory(config: dict, device: torch.device, dtype: torch.dtype, copies: int) -> None:
+    """Refuse, with the numbers, a model that cannot fit (the 72B weights alone are 145 GB in bf16)."""
+    need = sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(config)) * dtype.itemsize * copies
+    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    if have is not None and need * 1.1 > have:
+        raise SystemExit(
+            f"ovfast bench: {copies} copies of these weights need {need / 2**30:.0f} GiB; {device} has "
+            f"{have / 2**30:.0f} GiB free" + (" (try --no-transformers)" if copies > 1 else "")
+        )
+
+
+def time_ovfast(engine: Engine, items: list, prompt: str, new_tokens: int, repeat: int) -> dict:
+    t0 = time.perf_counter()
+    engine.complete(items, prompt, max_new_tokens=min(new_tokens, 4), ignore_eos=True)  # compiles kernels
+    capture_ms = engine.runner.capture_all()
+    warmup_ms = (time.perf_counter() - t0) * 1e3
+    _reset_peak(engine.device)
+    best = None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        c = engine.complete(items, prompt, max_new_tokens=new_tokens, ignore_eos=True)
+        total = (time.perf_counter() - t0) * 1e3
+        if best is None or total < best["total_ms"]:
+            t = c.timings
+            best = {
+                "total_ms": total, "ttft_ms": t.time_to_first_token_ms, "preprocess_ms": t.preprocess_ms,
+                "vision_ms": t.vision_ms, "prefill_ms": t.prefill_ms, "decode_ms": t.decode_ms,
+                "decode_ms_per_token": t.decode_ms / max(t.decode_tokens, 1),
+                "decode_tokens_per_s": t.decode_tokens_per_s, "prompt_tokens": c.prompt_tokens,
+                "new_tokens": len(c.token_ids),
+            }
+    best.update(peak_memory_gib=_peak_memory(engine.device), warmup_ms=warmup_ms, graph_capture_ms=capture_ms)
+    return best
+
+
+def time_transformers(hf, ckpt: str, images: list, videos: list, prompt: str, new_tokens: int, repeat: int,
+                      device: torch.device, dtype: torch.dtype) -> dict:
+    from . import hf_reference
+
+    def to_device(x):
+        x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}
+        for key in ("pixel_values", "pixel_values_videos"):
+            if key in x:
+                x[key] = x[key].to(dtype)
+        return x
+
+    def run(max_new: int):
+        t0 = time.perf_counter()
+        x = to_device(hf_reference.inputs(ckpt, images, prompt, videos))
+        _sync(device)
+        t1 = time.perf_counter()
+        with torch.inference_mode():
+            if "pixel_values" in x:
+                hf.model.get_image_features(x["pixel_values"], x["image_sizes"], batch_num_images=x["batch_num_images"])
+            if "pixel_values_videos" in x:
+                hf.model.get_video_features(x["pixel_values_videos"])
+            _sync(device)
+            t2 = time.perf_counter()
+            out = hf.generate(**x, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False)
+        _sync(device)
+        t3 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t3 - t2) * 1e3, out.shape[1] - x["input_ids"].shape[1]
+
+    run(min(new_tokens, 4))  # warm-up
+    _reset_peak(device)
+    best = None
+    for _ in range(repeat):
+        pre, vision, first, _ = run(1)  # generate() re-encodes the media: its time counts in TTFT
+        _, _, total_gen, new = run(new_tokens)
+        total = pre + total_gen
+        if best is None or total < best["total_ms"]:
+            decode = total_gen - first
+            best = {
+                "total_ms": total, "ttft_ms": pre + first, "preprocess_ms": pre, "vision_ms": vision,
+                "prefill_ms": first - vision, "decode_ms": decode, "decode_ms_per_token": decode / max(new - 1, 1),
+                "decode_tokens_per_s": (new - 1) / (decode / 1e3) if new > 1 and decode > 0 else 0.0,
+                "new_tokens": new,
+            }
+    best["peak_memory_gib"] = _peak_memory(device)
+    return best
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
+
+
+def run(args) -> dict:
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    compare = not args.no_transformers
+    images, videos = REQUESTS[args.request]()
+    _log(f"{args.model} on {device_name(device)}, {str(dtype).removeprefix('torch.')}, request {args.request}")
+    ckpt, engine, hf = prepare(args.model, device, dtype, compare, args.max_seq_len)
+    prompt = question(engine, args.question_tokens)
+    items = images + [Video(v) for v in videos]
+    _log("ovfast ...")
+    result = {
+        "date": datetime.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
+        "model": args.model, "request": args.request, "dtype": str(dtype).removeprefix("torch."),
+        "question_tokens": args.question_tokens, "new_tokens": args.new_tokens,
+        "kernels": engine.info(), "ovfast": time_ovfast(engine, items, prompt, args.new_tokens, args.repeat),
+    }
+    bandwidth = copy_bandwidth(device)
+    per_token = decode_bytes_per_token(engine)
+    roofline = bandwidth * 1e9 / per_token
+    result["roofline"] = {
+        "copy_bandwidth_gb_s": bandwidth, "weight_bytes_per_token": per_token, "roofline_tokens_per_s": roofline,
+        "fraction_of_roofline": result["ovfast"]["decode_tokens_per_s"] / roofline,
+    }
+    if hf is not None:
+        _log("transformers ...")
+        result["transformers"] = time_transformers(hf, ckpt, images, videos, prompt, args.new_tokens, args.repeat,
+                                                   device, dtype)
+        o, t = result["ovfast"], result["transformers"]
+        result["speedup"] = {
+            "total": t["total_ms"] / o["total_ms"], "ttft": t["ttft_ms"] / o["ttft_ms"],
+            "decode_tokens_per_s": o["decode_tokens_per_s"] / max(t["decode_tokens_per_s"], 1e-9),
+        }
+    return result
+
+
+def markdown(r: dict) -> str:
+    rows = ["preprocess_ms", "vision_ms", "prefill_ms", "ttft_ms", "decode_ms_per_token", "decode_tokens_per_s",
+            "total_ms", "peak_memory_gib"]
+    hf = r.get("transformers")
+    ops = r["kernels"]["ops"]
+    backends = "; ".join(f"{b}: {', '.join(k for k, v in ops.items() if v == b)}" for b in sorted(set(ops.values())))
+    lines = [
+        f"# {r['model']}, {r['request']}: {r['device']}, {r['dtype']}, {r['date']}",
+        "",
+        f"{r['ovfast']['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens (eos ignored), "
+        f"torch {r['torch']}. Ops: {backends}. CUDA graphs: {'on' if r['kernels']['cuda_graphs'] else 'off'}.",
+        "",
+        "| | ovfast | transformers | ratio |" if hf else "| | ovfast |",
+        "|---|---|---|---|" if hf else "|---|---|",
+    ]
+    for k in rows:
+        o = r["ovfast"].get(k)
+        if hf:
+            t = hf.get(k)
+            ratio = ""
+            if isinstance(o, float) and isinstance(t, float) and o and t:
+                ratio = f"{(o / t if 'per_s' in k else t / o):.2f}x"
+            lines.append(f"| {k} | {_fmt(o)} | {_fmt(t)} | {ratio} |")
+        else:
+            lines.append(f"| {k} | {_fmt(o)} |")
+    rf = r["roofline"]
+    lines += [
+        "",
+        f"Decode roofline: {rf['weight_bytes_per_token'] / 1e9:.3f} GB of weights per token at "
+        f"{rf['copy_bandwidth_gb_s']:.0f} GB/s measured copy bandwidth = {rf['roofline_tokens_per_s']:.1f} tokens/s; "
+        f"ovfast reaches {100 * rf['fraction_of_roofline']:.1f}%.",
+        f"Warm-up {r['ovfast']['warmup_ms']:.0f} ms, of which CUDA-graph capture {r['ovfast']['graph_capture_ms']:.0f} ms.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(x) -> str:
+    return "-" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="ovfast bench", description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="tiny", help="preset (tiny, 0.5b, 7b, 72b) or checkpoint directory / Hub id")
+    p.add_argument("--request", default="image", choices=sorted(REQUESTS))
+    p.add_argument("--question-tokens", type=int, default=20)
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on the CPU")
+    p.add_argument("--device")
+    p.add_argument("--max-seq-len", type=int, default=8192)
+    p.add_argument("--no-transformers", action="store_true", help="ovfast only")
+    p.add_argument("--out-dir", default="benchmarks/results")
+    args = p.parse_args(argv)
+    result = run(args)
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^A-Za-z0-9.]+", "-", result["device"]).strip("-").lower()
+    stem = str(out / f"{result['date']}-{slug}-{args.model}-{args.request}")
+    Path(stem + ".json").write_text(json.dumps(result, indent=2) + "\n")
+    md = markdown(result)
+    Path(stem + ".md").write_text(md)
+    print(md)
+    _log(f"wrote {stem}.json and .md")
+    return 0

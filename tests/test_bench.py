@@ -1,0 +1,32 @@
+"""`ovfast bench` smoke test at tiny shapes on the CPU (CI runs it; no timing is asserted)."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ovfast.bench import copy_bandwidth, decode_bytes_per_token
+from ovfast.cli import main
+
+
+def test_bench_tiny_writes_results(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "--model", "tiny", "--request", "video32", "--new-tokens", "5", "--repeat", "1",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    (result,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*.json")]
+    assert result["ovfast"]["new_tokens"] == result["transformers"]["new_tokens"] == 5
+    assert result["ovfast"]["prompt_tokens"] >= 32 * 196 + 1 + result["question_tokens"]  # frames, newline, question
+    for side in ("ovfast", "transformers"):
+        assert all(result[side][k] > 0 for k in ("ttft_ms", "vision_ms", "decode_tokens_per_s", "total_ms"))
+    assert set(result["speedup"]) == {"total", "ttft", "decode_tokens_per_s"}
+    assert 0 < result["roofline"]["fraction_of_roofline"]
+    assert len(list((tmp_path / "out").glob("*.md"))) == 1
+    assert "| ttft_ms |" in capsys.readouterr().out
+
+
+def test_roofline_pieces(tiny):
+    _, engine = tiny
+    lm = engine.model.language_model
+    layer_bytes = sum(p.numel() * 4 for p in lm.layers.parameters())
+    assert decode_bytes_per_token(engine) == layer_bytes + lm.norm.numel() * 4 + lm.lm_head.numel() * 4
+    assert copy_bandwidth(torch.device("cpu"), nbytes=1 << 22) > 0
