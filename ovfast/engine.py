@@ -20,15 +20,15 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
+from .decode import DecodeRunner
 from .errors import ConfigError, OvfastError, UnsupportedInputError
 from .generation import Completion, Sequence, TextAssembler, Timings
 from .kv_cache import KVCache, round_up
+from .media import Video
 from .models.llava_onevision import LlavaOnevision
-from .decode import DecodeRunner
 from .models.qwen2 import ForwardBatch
 from .ops import sample
 from .preprocess import PixelNormalizer, ProcessingConfig
-from .media import Video
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .tokenizer import ChatTemplate, Tokenizer
 from .weights import load_weights, mapping_tensors, safetensors_tensors
