@@ -58,17 +58,20 @@ void anyres_tiles_py(const py::handle& src, const py::handle& out, int64_t grid_
   anyres_tiles(rgb_arg(s), l, static_cast<uint8_t*>(o.ptr));
 }
 
-void padded_square_tile_py(const py::handle& src, const py::handle& out, std::array<int, 3> fill, bool horizontal_first) {
+void padded_square_tile_py(const py::handle& src, const py::handle& out, std::array<int, 3> fill, int64_t side,
+                           int64_t top, int64_t left, bool horizontal_first) {
   py::buffer_info s = buffer_arg(src, "src", 1, {-1, -1, 3}, false);
   py::buffer_info o = buffer_arg(out, "out", 1, {-1, -1, 3}, true);
   check(o.shape[0] == o.shape[1], "out", "must be one square tile, got shape " + shape_str(o));
+  check(side <= kMaxSide && top >= 0 && left >= 0 && top + s.shape[0] <= side && left + s.shape[1] <= side, "side/top/left",
+        "must place the image inside the square");
   uint8_t f[3];
   for (int c = 0; c < 3; ++c) {
     check(fill[c] >= 0 && fill[c] <= 255, "fill", "values must be in [0, 255]");
     f[c] = static_cast<uint8_t>(fill[c]);
   }
   py::gil_scoped_release nogil;
-  padded_square_tile(rgb_arg(s), f, o.shape[0], horizontal_first, static_cast<uint8_t*>(o.ptr));
+  padded_square_tile(rgb_arg(s), f, side, top, left, o.shape[0], horizontal_first, static_cast<uint8_t*>(o.ptr));
 }
 
 void squash_frames_py(const py::list& frames, const py::handle& out, const std::vector<bool>& horizontal_first) {
@@ -115,8 +118,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("anyres_tiles", &anyres_tiles_py, py::arg("src"), py::arg("out"), py::arg("grid_w"), py::arg("new_h"),
         py::arg("new_w"), py::arg("top"), py::arg("left"), py::arg("base_horizontal_first"),
         py::arg("canvas_horizontal_first"), "Base tile and row-major canvas tiles into out (1 + n, T, T, 3).");
-  m.def("padded_square_tile", &padded_square_tile_py, py::arg("src"), py::arg("out"), py::arg("fill"),
-        py::arg("horizontal_first"), "src centred on a square of fill, squashed into out (T, T, 3).");
+  m.def("padded_square_tile", &padded_square_tile_py, py::arg("src"), py::arg("out"), py::arg("fill"), py::arg("side"),
+        py::arg("top"), py::arg("left"), py::arg("horizontal_first"),
+        "src at (top, left) on a side x side square of fill, squashed into out (T, T, 3).");
   m.def("squash_frames", &squash_frames_py, py::arg("frames"), py::arg("out"), py::arg("horizontal_first"),
         "Every (H, W, 3) frame squashed into out (F, T, T, 3).");
   m.def("normalize", &normalize_py, py::arg("tiles"), py::arg("table"), py::arg("out"),

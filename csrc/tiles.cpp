@@ -114,9 +114,9 @@ void anyres_tiles(const RgbView& src, const AnyresLayout& l, uint8_t* tiles) {
   });
 }
 
-void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t tile, bool horizontal_first, uint8_t* out) {
-  if (src.h == src.w) return resize_bicubic_into(src, out, tile, tile, tile * 3, horizontal_first);
-  const int64_t side = std::max(src.h, src.w), top = (side - src.h) / 2, left = (side - src.w) / 2;
+void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t side, int64_t top, int64_t left,
+                        int64_t tile, bool horizontal_first, uint8_t* out) {
+  if (src.h == side && src.w == side) return resize_bicubic_into(src, out, tile, tile, tile * 3, horizontal_first);
   std::vector<uint8_t> square(side * side * 3);
   parallel_for(side, 64, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {

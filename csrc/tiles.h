@@ -29,8 +29,9 @@ struct AnyresLayout {
 // canvas tiles in row-major order, zero outside the image.
 void anyres_tiles(const RgbView& src, const AnyresLayout& layout, uint8_t* tiles);
 
-// out: (tile, tile, 3): src centred on a square of `fill`, then squashed to one tile.
-void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t tile, bool horizontal_first, uint8_t* out);
+// out: (tile, tile, 3): src placed at (top, left) on a side x side square of `fill`, then squashed.
+void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t side, int64_t top, int64_t left,
+                        int64_t tile, bool horizontal_first, uint8_t* out);
 
 // out[n, c, y, x] = table[c * 256 + tiles[n, y, x, c]] for n tiles of tile x tile pixels; T is
 // the output element (the float32, float16 or bfloat16 bits of the table's values).

@@ -26,6 +26,7 @@ from .kv_cache import KVCache, round_up
 from .models.llava_onevision import LlavaOnevision
 from .models.qwen2 import ForwardBatch
 from .ops import sample
+from .pixels import pixel_values
 from .preprocess import PixelNormalizer, ProcessingConfig
 from .media import Video
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
@@ -188,6 +189,15 @@ class Engine:
             req = self.requests.prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
             hidden = self._prefill(req, slot=0)
             return self.model.language_model.logits(hidden)
+
+    def preprocess(self, images, *, dtype: torch.dtype | None = None, pin_memory: bool | None = None) -> list[torch.Tensor]:
+        """Normalised pixel values of each item with this engine's settings (see ``ovfast.preprocess``).
+
+        Runs without reserving the engine, so other threads can preprocess while it generates.
+        Defaults: the engine's dtype; pinned memory when the engine is on a GPU.
+        """
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        return pixel_values(images, self.requests.model, self.requests.proc, self.normalizer, dtype or self.dtype, pin)
 
     # --- internals ----------------------------------------------------------------------------
 
