@@ -144,7 +144,10 @@ class VideoFile:
     def _stream(self, container):
         if not container.streams.video:
             raise VideoReadError(f"{self.name} has no video stream")
-        return container.streams.video[0]
+        stream = container.streams.video[0]
+        if stream.codec_context is None:
+            raise VideoReadError(f"{self.name}: PyAV has no decoder for its video codec")
+        return stream
 
     def _index(self, container, stream) -> tuple[list[int] | None, list[int]]:
         """Sorted presentation timestamps of all frames and of the keyframes (None: no timestamps)."""
