@@ -55,6 +55,7 @@ void anyres_tiles_py(const py::handle& src, const py::handle& out, int64_t grid_
   check(new_h >= 1 && top >= 0 && top + new_h <= l.grid_h * tile, "new_h/top", "must place the image inside the canvas");
   check(new_w >= 1 && left >= 0 && left + new_w <= grid_w * tile, "new_w/left", "must place the image inside the canvas");
   py::gil_scoped_release nogil;
+  advise_huge_pages(o.ptr, o.size);
   anyres_tiles(rgb_arg(s), l, static_cast<uint8_t*>(o.ptr));
 }
 
@@ -82,6 +83,7 @@ void squash_frames_py(const py::list& frames, const py::handle& out, const std::
   for (size_t i = 0; i < frames.size(); ++i) src.push_back(buffer_arg(frames[i], "frames[" + std::to_string(i) + "]", 1, {-1, -1, 3}, false));
   const int64_t tile = o.shape[1];
   py::gil_scoped_release nogil;
+  advise_huge_pages(o.ptr, o.size);
   for (size_t i = 0; i < src.size(); ++i) {
     resize_bicubic_into(rgb_arg(src[i]), static_cast<uint8_t*>(o.ptr) + i * tile * tile * 3, tile, tile, tile * 3,
                         horizontal_first[i]);
@@ -97,6 +99,7 @@ void normalize_py(const py::handle& tiles, const py::handle& table, const py::ha
   py::buffer_info tb = buffer_arg(table, "table", itemsize, {3, 256}, false);
   py::buffer_info o = buffer_arg(out, "out", itemsize, {n, 3, tile, tile}, true);
   py::gil_scoped_release nogil;
+  advise_huge_pages(o.ptr, o.size * itemsize);
   const auto* px = static_cast<const uint8_t*>(t.ptr);
   if (itemsize == 2) {
     normalize_tiles(px, n, tile, static_cast<const uint16_t*>(tb.ptr), static_cast<uint16_t*>(o.ptr));

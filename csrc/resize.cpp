@@ -1,5 +1,7 @@
 #include "resize.h"
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -40,17 +42,34 @@ inline void emit(const RowSink& sink, int64_t y, const uint8_t* row) {
   if (!sink.direct) sink.put(y, row);
 }
 
-// block[x * kLanes + r * 3 + c] = rows[r][x * 3 + c]; rows past nrows repeat row 0 (their results are dropped).
-OVFAST_VECTORIZE void transpose_in(const uint8_t* const* rows, int nrows, int64_t w, uint8_t* __restrict block) {
-  for (int64_t x = 0; x < w; ++x) {
+// Pixel copies. copy4 moves 4 bytes to move one 3-byte pixel: the extra byte lands on the next
+// pixel, which is written after it. Callers copy the last pixel of a run with copy3 so nothing
+// is read or written past the run.
+inline void copy3(uint8_t* d, const uint8_t* s) {
+  d[0] = s[0];
+  d[1] = s[1];
+  d[2] = s[2];
+}
+
+inline void copy4(uint8_t* d, const uint8_t* s) {
+  uint32_t v;
+  std::memcpy(&v, s, 4);
+  std::memcpy(d, &v, 4);
+}
+
+// block[x * kLanes + r * 3 + c] = in[r][x * 3 + c] for kRows rows of w pixels.
+void transpose_in(const uint8_t* const* in, int64_t w, uint8_t* block) {
+  for (int64_t x = 0; x < w - 1; ++x) {
     uint8_t* b = block + x * kLanes;
-    for (int r = 0; r < kRows; ++r) {
-      const uint8_t* p = rows[r < nrows ? r : 0] + x * 3;
-      b[r * 3 + 0] = p[0];
-      b[r * 3 + 1] = p[1];
-      b[r * 3 + 2] = p[2];
-    }
+    for (int r = 0; r < kRows; ++r) copy4(b + r * 3, in[r] + x * 3);
   }
+  for (int r = 0; r < kRows; ++r) copy3(block + (w - 1) * kLanes + r * 3, in[r] + (w - 1) * 3);
+}
+
+// row[x * 3 + c] = block[x * kLanes + r * 3 + c]: row r of a transposed output block.
+void transpose_out(const uint8_t* block, int r, int64_t w, uint8_t* row) {
+  for (int64_t x = 0; x < w - 1; ++x) copy4(row + x * 3, block + x * kLanes + r * 3);
+  copy3(row + (w - 1) * 3, block + (w - 1) * kLanes + r * 3);
 }
 
 // One horizontal pass over a transposed block: out[x * kLanes + j] for every output column x.
@@ -95,17 +114,12 @@ void horizontal_pass(const RgbView& src, int64_t r0, int64_t r1, const Taps& t, 
       const int64_t y0 = r0 + b * kRows;
       const int n = static_cast<int>(std::min<int64_t>(kRows, r1 - y0));
       const uint8_t* in[kRows];
-      for (int r = 0; r < n; ++r) in[r] = src.row(y0 + r);
-      transpose_in(in, n, src.w, block.data());
+      for (int r = 0; r < kRows; ++r) in[r] = src.row(y0 + std::min(r, n - 1));  // a short block repeats its last row
+      transpose_in(in, src.w, block.data());
       horizontal_block(block.data(), t, out_w, tout.data());
       for (int r = 0; r < n; ++r) {
         uint8_t* dst = out_row(sink, y0 - r0 + r, rows.data() + r * out_w * 3);
-        for (int64_t x = 0; x < out_w; ++x) {
-          const uint8_t* v = tout.data() + x * kLanes + r * 3;
-          dst[x * 3 + 0] = v[0];
-          dst[x * 3 + 1] = v[1];
-          dst[x * 3 + 2] = v[2];
-        }
+        transpose_out(tout.data(), r, out_w, dst);
         emit(sink, y0 - r0 + r, dst);
       }
     }
@@ -138,9 +152,25 @@ void copy_rows(const RgbView& src, const RowSink& sink) {
   });
 }
 
-RowSink into(std::vector<uint8_t>& buf, int64_t stride) { return RowSink{buf.data(), stride, {}}; }
-
 }  // namespace
+
+void advise_huge_pages(void* p, int64_t n) {
+#ifdef MADV_HUGEPAGE
+  constexpr uintptr_t kHuge = uintptr_t{1} << 21;
+  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(n)) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)n;
+#endif
+}
+
+std::unique_ptr<uint8_t[]> scratch_bytes(int64_t n) {
+  std::unique_ptr<uint8_t[]> buf(new uint8_t[n]);
+  advise_huge_pages(buf.get(), n);
+  return buf;
+}
 
 Taps bicubic_taps(int64_t in, int64_t out) {
   Taps t;
@@ -189,13 +219,13 @@ void resize_bicubic(const RgbView& src, int64_t out_h, int64_t out_w, bool horiz
     if (out_h == src.h) return horizontal_pass(src, 0, src.h, tx, out_w, sink);
     // Only the rows the vertical pass reads are resampled horizontally.
     const int64_t first = ty.start.front(), last = ty.start.back() + ty.count.back();
-    std::vector<uint8_t> mid((last - first) * out_w * 3);
-    horizontal_pass(src, first, last, tx, out_w, into(mid, out_w * 3));
-    return vertical_pass(RgbView{mid.data(), last - first, out_w, out_w * 3}, ty, first, sink);
+    auto mid = scratch_bytes((last - first) * out_w * 3);
+    horizontal_pass(src, first, last, tx, out_w, RowSink{mid.get(), out_w * 3, {}});
+    return vertical_pass(RgbView{mid.get(), last - first, out_w, out_w * 3}, ty, first, sink);
   }
-  std::vector<uint8_t> mid(out_h * src.w * 3);
-  vertical_pass(src, ty, 0, into(mid, src.w * 3));
-  const RgbView mv{mid.data(), out_h, src.w, src.w * 3};
+  auto mid = scratch_bytes(out_h * src.w * 3);
+  vertical_pass(src, ty, 0, RowSink{mid.get(), src.w * 3, {}});
+  const RgbView mv{mid.get(), out_h, src.w, src.w * 3};
   if (out_w == src.w) return copy_rows(mv, sink);
   horizontal_pass(mv, 0, out_h, tx, out_w, sink);
 }

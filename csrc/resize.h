@@ -3,6 +3,7 @@
 
 #include <cstdint>
 #include <functional>
+#include <memory>
 #include <vector>
 
 namespace ovfast {
@@ -34,6 +35,14 @@ struct RowSink {
 // Resizes `src` to out_h x out_w exactly as Pillow's Image.resize(BICUBIC) does; `horizontal_first`
 // is Pillow's pass order for these sizes (ovfast.resample.horizontal_first). Rows go to `sink`.
 void resize_bicubic(const RgbView& src, int64_t out_h, int64_t out_w, bool horizontal_first, const RowSink& sink);
+
+// An uninitialised byte buffer for large intermediates: no zeroing pass, and huge pages when the
+// kernel offers them, so first-touch page faults do not dominate.
+std::unique_ptr<uint8_t[]> scratch_bytes(int64_t n);
+
+// Asks for transparent huge pages on the 2 MiB-aligned part of [p, p + n) (a hint: a no-op where
+// unsupported). Large outputs written once are otherwise mostly page-fault time.
+void advise_huge_pages(void* p, int64_t n);
 
 // Same, into a packed image of out_h rows `dst_stride` bytes apart.
 void resize_bicubic_into(const RgbView& src, uint8_t* dst, int64_t out_h, int64_t out_w, int64_t dst_stride,

@@ -117,15 +117,15 @@ void anyres_tiles(const RgbView& src, const AnyresLayout& l, uint8_t* tiles) {
 void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t side, int64_t top, int64_t left,
                         int64_t tile, bool horizontal_first, uint8_t* out) {
   if (src.h == side && src.w == side) return resize_bicubic_into(src, out, tile, tile, tile * 3, horizontal_first);
-  std::vector<uint8_t> square(side * side * 3);
+  auto square = scratch_bytes(side * side * 3);
   parallel_for(side, 64, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
-      uint8_t* row = square.data() + y * side * 3;
+      uint8_t* row = square.get() + y * side * 3;
       for (int64_t x = 0; x < side; ++x) std::memcpy(row + x * 3, fill, 3);
       if (y >= top && y < top + src.h) std::memcpy(row + left * 3, src.row(y - top), src.w * 3);
     }
   });
-  resize_bicubic_into(RgbView{square.data(), side, side, side * 3}, out, tile, tile, tile * 3, horizontal_first);
+  resize_bicubic_into(RgbView{square.get(), side, side, side * 3}, out, tile, tile, tile * 3, horizontal_first);
 }
 
 template <typename T>
