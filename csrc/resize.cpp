@@ -96,7 +96,16 @@ OVFAST_VECTORIZE void vertical_row(const RgbView& src, const int32_t* w, int64_t
   for (int64_t j0 = 0; j0 < n; j0 += kChunk) {
     const int64_t m = std::min(kChunk, n - j0);
     for (int64_t j = 0; j < m; ++j) acc[j] = kHalf;
-    for (int32_t k = 0; k < count; ++k) {
+    int32_t k = 0;
+    for (; k + 4 <= count; k += 4) {  // four taps per sweep: a quarter of the accumulator traffic
+      const uint8_t* __restrict a = src.row(start + k) + j0;
+      const uint8_t* __restrict b = src.row(start + k + 1) + j0;
+      const uint8_t* __restrict c = src.row(start + k + 2) + j0;
+      const uint8_t* __restrict d = src.row(start + k + 3) + j0;
+      const int32_t wa = w[k], wb = w[k + 1], wc = w[k + 2], wd = w[k + 3];
+      for (int64_t j = 0; j < m; ++j) acc[j] += a[j] * wa + b[j] * wb + c[j] * wc + d[j] * wd;
+    }
+    for (; k < count; ++k) {
       const uint8_t* __restrict in = src.row(start + k) + j0;
       const int32_t wk = w[k];
       for (int64_t j = 0; j < m; ++j) acc[j] += in[j] * wk;

@@ -146,8 +146,9 @@ void parallel_for(int64_t n, int64_t grain, const std::function<void(int64_t, in
   if (n <= 0) return;
   std::shared_ptr<Pool> pool = current_pool();
   auto job = std::make_shared<Job>();
-  // About four chunks per thread balances uneven rows without much claiming overhead.
-  int64_t target = static_cast<int64_t>(pool->size()) * 4;
+  // About eight chunks per thread: rows cost unevenly, and on a shared machine a thread can lose
+  // its core for a while; claiming a chunk costs one atomic increment.
+  int64_t target = static_cast<int64_t>(pool->size()) * 8;
   job->chunk = std::max<int64_t>(std::max<int64_t>(grain, 1), (n + target - 1) / target);
   job->chunks = (n + job->chunk - 1) / job->chunk;
   job->n = n;
