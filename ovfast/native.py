@@ -10,6 +10,7 @@ the pass order from resample.horizontal_first, so the C++ code only executes a p
 """
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
 from contextlib import contextmanager
@@ -24,7 +25,7 @@ from .preprocess import ProcessingConfig, VisualItem, anyres_geometry, square_of
 from .resample import horizontal_first
 
 try:
-    from . import _C
+    _C = importlib.import_module(f"{__package__}._C")
 except ImportError as e:  # built without a compiler: the pure-Python path takes over
     _C, _import_error = None, e
 

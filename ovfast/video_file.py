@@ -96,12 +96,14 @@ class VideoFile:
     def decode(self, indices: Sequence[int]) -> dict[int, np.ndarray]:
         """{index: (H, W, 3) uint8} for every index that decodes; broken frames are left out."""
         wanted = sorted(set(indices))
+        if self._pts is not None:
+            with self._open() as container:
+                got = self._decode_seeking(container, self._stream(container), wanted)
+            if got:
+                return got
+        # No timestamps, or seeking found nothing (an unseekable file): decode from the start.
         with self._open() as container:
-            stream = self._stream(container)
-            stream.thread_type = "AUTO"
-            if self._pts is None:
-                return self._decode_sequential(container, stream, wanted)
-            return self._decode_seeking(container, stream, wanted)
+            return self._decode_sequential(container, self._stream(container), wanted)
 
     def _decode_seeking(self, container, stream, wanted: list[int]) -> dict[int, np.ndarray]:
         reader = _Reader(container, stream, self, budget=self.frame_count + 64 * len(wanted))
@@ -128,7 +130,7 @@ class VideoFile:
                 if not pending or i >= self.frame_count:
                     break
         except av.FFmpegError:
-            pass  # a broken tail: keep the frames decoded before it
+            self.truncated = True  # a broken tail: keep the frames decoded before it
         return out
 
     # --- opening and indexing -------------------------------------------------------------------
@@ -147,6 +149,7 @@ class VideoFile:
         stream = container.streams.video[0]
         if stream.codec_context is None:
             raise VideoReadError(f"{self.name}: PyAV has no decoder for its video codec")
+        stream.thread_type = "AUTO"  # frame and slice threads
         return stream
 
     def _index(self, container, stream) -> tuple[list[int] | None, list[int]]:
