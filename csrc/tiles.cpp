@@ -118,10 +118,12 @@ void padded_square_tile(const RgbView& src, const uint8_t fill[3], int64_t side,
                         int64_t tile, bool horizontal_first, uint8_t* out) {
   if (src.h == side && src.w == side) return resize_bicubic_into(src, out, tile, tile, tile * 3, horizontal_first);
   auto square = scratch_bytes(side * side * 3);
+  std::vector<uint8_t> fill_row(side * 3);
+  for (int64_t x = 0; x < side; ++x) std::memcpy(fill_row.data() + x * 3, fill, 3);
   parallel_for(side, 64, [&](int64_t y0, int64_t y1) {
     for (int64_t y = y0; y < y1; ++y) {
       uint8_t* row = square.get() + y * side * 3;
-      for (int64_t x = 0; x < side; ++x) std::memcpy(row + x * 3, fill, 3);
+      std::memcpy(row, fill_row.data(), side * 3);
       if (y >= top && y < top + src.h) std::memcpy(row + left * 3, src.row(y - top), src.w * 3);
     }
   });
