@@ -62,14 +62,25 @@ def pil_frames(proc, frames: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.stack(out))
 
 
-def best_ms(fn, repeats: int) -> float:
-    fn()  # warm-up: first-call allocations, lazy imports
-    times = []
+def best_ms(fns: dict, repeats: int) -> dict[str, float]:
+    """Best time of each function; the functions take turns in every round, so that a busy spell
+    on a shared machine hits them all alike instead of one path's whole series."""
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()  # warm-up: first-call allocations, lazy imports
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return min(times)
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return {name: min(t) for name, t in times.items()}
+
+
+def python_path(fn):
+    def run():
+        with native.disabled():
+            return fn()
+    return run
 
 
 def main() -> None:
@@ -99,11 +110,10 @@ def main() -> None:
         reference = hf_pil()
         got = torch.cat(ours())
         exact = torch.equal(got, reference.reshape(got.shape))
-        row = {"case": name, "native_ms": best_ms(ours, args.repeats)}
-        with native.disabled():
-            row["python_ms"] = best_ms(ours, args.repeats)
-        row["transformers_pil_ms"] = best_ms(hf_pil, args.repeats)
-        row["transformers_torchvision_ms"] = best_ms(hf_tv, args.repeats) if hf_tv else None
+        fns = {"native_ms": ours, "python_ms": python_path(ours), "transformers_pil_ms": hf_pil}
+        if hf_tv:
+            fns["transformers_torchvision_ms"] = hf_tv
+        row = {"case": name, "transformers_torchvision_ms": None, **best_ms(fns, args.repeats)}
         row["bit_identical_to_pil"] = exact
         rows.append(row)
         print(f"{name}: done", flush=True)

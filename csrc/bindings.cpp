@@ -113,7 +113,13 @@ void normalize_py(const py::handle& tiles, const py::handle& table, const py::ha
 PYBIND11_MODULE(_C, m) {
   m.doc() = "ovfast native CPU preprocessing (Pillow-exact bicubic, anyres tiles, normalisation)";
   m.def("num_threads", &num_threads, "Threads of the preprocessing pool, the caller included.");
-  m.def("set_num_threads", &set_num_threads, py::arg("n"));
+  m.def(
+      "set_num_threads",
+      [](int n) {
+        check(n >= 1 && n <= 1024, "n", "must be in [1, 1024], got " + std::to_string(n));
+        set_num_threads(n);
+      },
+      py::arg("n"), "Use n threads (the caller included) from the next call on.");
   m.def("to_rgb", &to_rgb_py, py::arg("src"), py::arg("alpha"),
         "(H, W, 1|3|4) uint8 -> (H, W, 3): grey repeated, alpha onto white (0: PIL rule, 1: NumPy rule).");
   m.def("resize", &resize_py, py::arg("src"), py::arg("out"), py::arg("horizontal_first"),

@@ -243,6 +243,7 @@ BAD_CALLS = {
     "table width": (lambda: C.normalize(_u8(1, 4, 4, 3), np.zeros((3, 256), np.float64), np.zeros((1, 3, 4, 4))), "'table'"),
     "out dtype": (lambda: C.normalize(_u8(1, 4, 4, 3), np.zeros((3, 256), np.float32),
                                       np.zeros((1, 3, 4, 4), np.float16)), "'out'.*4-byte"),
+    "threads": (lambda: C.set_num_threads(0), "'n'"),
     "huge": (lambda: C.resize(np.lib.stride_tricks.as_strided(_u8(1), (1 << 25, 1, 3), (0, 0, 0)), _u8(2, 2, 3), True),
              r"\[1, 2\^24\]"),
 }
