@@ -81,7 +81,7 @@ class Video:
                  num_frames: int | None = None, *, fps: float | None = None, indices: Sequence[int] | None = None):
         self._file: VideoFile | None = None
         if isinstance(frames, (str, os.PathLike, bytes, bytearray, memoryview)):
-            self._file = VideoFile(frames, _max_image_pixels or float("inf"))
+            self._file = VideoFile(frames, max_image_pixels() or float("inf"))
             self._indices = self._file.sample(num_frames, fps, indices)
             return
         if (num_frames, fps, indices) != (None, None, None):
