@@ -5,6 +5,7 @@ Every pixel test runs on both paths: the native one (the default) and the pure-P
 """
 from __future__ import annotations
 
+import io
 import random
 import threading
 import warnings
@@ -124,6 +125,22 @@ def test_input_kinds_bit_identical_to_transformers(tiny, path, kind):
     ours_input, hf_input = KINDS[kind](ref.synthetic_image(211, 333, seed=4))
     expected = ref.processor(ckpt).image_processor(hf_input, return_tensors="pt")["pixel_values"][0]
     (ours,) = ovfast.preprocess(ours_input)
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "WEBP", "GIF", "BMP"])
+def test_encoded_formats_match_transformers_on_the_decoded_image(tiny, path, fmt):
+    """Bytes of each format decode as Pillow decodes them; an animated GIF gives its first frame."""
+    ckpt, _ = tiny
+    frames = [ref.synthetic_image(120, 170, seed=s, mode="RGBA" if fmt in ("PNG", "WEBP") else "RGB") for s in (1, 2)]
+    buf = io.BytesIO()
+    if fmt == "GIF":
+        frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:])
+    else:
+        frames[0].save(buf, format=fmt)
+    data = buf.getvalue()
+    expected = ref.processor(ckpt).image_processor(PIL.Image.open(io.BytesIO(data)), return_tensors="pt")["pixel_values"][0]
+    (ours,) = ovfast.preprocess(data)
     assert torch.equal(ours, expected)
 
 
