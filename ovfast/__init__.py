@@ -7,18 +7,21 @@
 from .api import DEFAULT_MODEL, generate, get_engine
 from .engine import Engine, EngineBusyError, EngineConfig, load
 from .errors import (
-    ConfigError, ContextLengthError, EmptyVideoError, GenerationParamsError, ImageReadError, InputError,
-    ModelLoadError, OvfastError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+    ConfigError, ContextLengthError, EmptyVideoError, GenerationParamsError, ImageReadError, ImageTooLargeError,
+    InputError, ModelLoadError, OvfastError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+    VideoReadError,
 )
 from .generation import Completion, Timings
-from .media import Video
+from .media import Video, set_max_image_pixels
+from .pixels import preprocess  # note: shadows the ovfast.preprocess submodule as an attribute
 from .random_checkpoint import build_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyVideoError", "Engine",
-    "EngineBusyError", "EngineConfig", "GenerationParamsError", "ImageReadError", "InputError",
+    "EngineBusyError", "EngineConfig", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError",
     "ModelLoadError", "OvfastError", "PlaceholderError", "Timings", "TooManyImagesError",
-    "UnsupportedInputError", "Video", "build_checkpoint", "generate", "get_engine", "load",
+    "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",
+    "preprocess", "set_max_image_pixels",
 ]

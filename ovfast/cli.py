@@ -11,8 +11,18 @@ from .errors import OvfastError
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
+def _video(spec: str, num_frames: int | None):
+    """One --video: a video file, or frame images (comma-separated files, directories in name order)."""
+    from . import Video
+
+    path = Path(spec)
+    if "," not in spec and not path.is_dir() and path.suffix.lower() not in _IMAGE_SUFFIXES:
+        return Video(spec, num_frames=num_frames)
+    return Video(_frames(spec))
+
+
 def _frames(spec: str) -> list[str]:
-    """Frame files of one --video: comma-separated files, directories expanded to their images in name order."""
+    """Frame files: comma-separated files, directories expanded to their images in name order."""
     out = []
     for p in map(Path, spec.split(",")):
         if p.is_dir():
@@ -23,10 +33,10 @@ def _frames(spec: str) -> list[str]:
 
 
 def _generate(args) -> int:
-    from . import Video, load
+    from . import load
 
     engine = load(args.model, device=args.device, dtype=args.dtype)
-    items = list(args.image or []) + [Video(_frames(v)) for v in args.video or []]
+    items = list(args.image or []) + [_video(v, args.num_frames) for v in args.video or []]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed, stop=args.stop, chat=not args.no_chat)
     if args.stream:
@@ -75,8 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("prompt")
     g.add_argument("--model", default="llava-hf/llava-onevision-qwen2-0.5b-ov-hf", help="Hub id or local directory")
     g.add_argument("--image", action="append", help="an image file (repeat for several)")
-    g.add_argument("--video", action="append", metavar="FRAMES",
-                   help="a video: a directory of frame images, or frame files separated by commas (repeatable)")
+    g.add_argument("--video", action="append", metavar="VIDEO",
+                   help="a video: a video file (clip.mp4), a directory of frame images, or frame files "
+                        "separated by commas (repeatable)")
+    g.add_argument("--num-frames", type=int, help="frames sampled uniformly from each video file (default 32)")
     g.add_argument("--max-new-tokens", type=int, default=256)
     g.add_argument("--temperature", type=float, default=0.0)
     g.add_argument("--top-p", type=float, default=1.0)

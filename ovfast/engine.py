@@ -28,6 +28,7 @@ from .media import Video
 from .models.llava_onevision import LlavaOnevision
 from .models.qwen2 import ForwardBatch
 from .ops import sample
+from .pixels import pixel_values
 from .preprocess import PixelNormalizer, ProcessingConfig
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .tokenizer import ChatTemplate, Tokenizer
@@ -206,6 +207,15 @@ class Engine:
             "graph_capture_ms": self.runner.capture_ms, "kv_cache_gib": self.cache.nbytes / 2**30,
             "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
         }
+
+    def preprocess(self, images, *, dtype: torch.dtype | None = None, pin_memory: bool | None = None) -> list[torch.Tensor]:
+        """Normalised pixel values of each item with this engine's settings (see ``ovfast.preprocess``).
+
+        Runs without reserving the engine, so other threads can preprocess while it generates.
+        Defaults: the engine's dtype; pinned memory when the engine is on a GPU.
+        """
+        pin = self.device.type == "cuda" if pin_memory is None else pin_memory
+        return pixel_values(images, self.requests.model, self.requests.proc, self.normalizer, dtype or self.dtype, pin)
 
     # --- internals ----------------------------------------------------------------------------
 

@@ -29,6 +29,14 @@ class ImageReadError(InputError):
     """An image (or video frame) could not be read or decoded."""
 
 
+class ImageTooLargeError(ImageReadError):
+    """An encoded image (or video frame) has more pixels than the configured limit."""
+
+
+class VideoReadError(ImageReadError):
+    """A video file or its bytes could not be opened, indexed or decoded."""
+
+
 class EmptyVideoError(InputError):
     """A video has no frames."""
 

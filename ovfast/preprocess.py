@@ -75,15 +75,22 @@ def resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarra
     return np.asarray(PIL.Image.fromarray(rgb).resize((width, height), resample=resample))
 
 
-def anyres_tiles(rgb: np.ndarray, model: ModelConfig, proc: ProcessingConfig) -> VisualItem:
-    """A single image: the base tile (whole image squashed) then the canvas tiles, row-major."""
-    h, w = rgb.shape[:2]
-    t = proc.tile
-    layout = anyres.anyres_layout(h, w, model.grid_pinpoints, t, model.vision.grid, model.max_num_patches)
+def anyres_geometry(h: int, w: int, model: ModelConfig, proc: ProcessingConfig) -> tuple[dict, tuple[int, int], tuple[int, int]]:
+    """(anyres layout, resized (new_h, new_w), its (top, left) on the canvas) of an h x w image."""
+    layout = anyres.anyres_layout(h, w, model.grid_pinpoints, proc.tile, model.vision.grid, model.max_num_patches)
     canvas_h, canvas_w = layout["canvas"]
     new_h, new_w = anyres.fit_in_canvas(h, w, canvas_h, canvas_w)
     top, _ = anyres.centred_padding(new_h, canvas_h)
     left, _ = anyres.centred_padding(new_w, canvas_w)
+    return layout, (new_h, new_w), (top, left)
+
+
+def anyres_tiles(rgb: np.ndarray, model: ModelConfig, proc: ProcessingConfig) -> VisualItem:
+    """A single image: the base tile (whole image squashed) then the canvas tiles, row-major."""
+    h, w = rgb.shape[:2]
+    t = proc.tile
+    layout, (new_h, new_w), (top, left) = anyres_geometry(h, w, model, proc)
+    canvas_h, canvas_w = layout["canvas"]
     grid_h, grid_w = layout["grid"]
     tiles = np.zeros((1 + grid_h * grid_w, t, t, 3), dtype=np.uint8)
     tiles[0] = resize(rgb, t, t, proc.resample)
@@ -93,14 +100,19 @@ def anyres_tiles(rgb: np.ndarray, model: ModelConfig, proc: ProcessingConfig) ->
     return VisualItem("image", tiles, layout["num_tokens"], (h, w))
 
 
+def square_offsets(h: int, w: int) -> tuple[int, int, int]:
+    """(side, top, left) of an h x w image centred on its padded square."""
+    side = max(h, w)
+    return side, anyres.centred_padding(h, side)[0], anyres.centred_padding(w, side)[0]
+
+
 def padded_square_tile(rgb: np.ndarray, model: ModelConfig, proc: ProcessingConfig) -> VisualItem:
     """One of several images: centred on a square of the mean colour, then squashed to one tile."""
     h, w = rgb.shape[:2]
     if h != w:
-        side = max(h, w)
+        side, top, left = square_offsets(h, w)
         square = np.empty((side, side, 3), dtype=np.uint8)
         square[:] = proc.pad_fill
-        top, left = (side - h) // 2, (side - w) // 2
         square[top : top + h, left : left + w] = rgb
         rgb = square
     tiles = resize(rgb, proc.tile, proc.tile, proc.resample)[None].copy()  # Pillow's buffer is read-only
@@ -131,6 +143,10 @@ class PixelNormalizer:
             table = np.broadcast_to(x, (3, 256))
         self._table = torch.from_numpy(np.ascontiguousarray(table, dtype=np.float32))  # (3, 256)
         self._on_device: dict[torch.device, torch.Tensor] = {}
+
+    def table(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (3, 256) table in ``dtype``: what the float32 result rounds to (round to nearest even)."""
+        return self._table.to(dtype)
 
     def __call__(self, tiles: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         table = self._on_device.get(tiles.device)

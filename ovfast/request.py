@@ -6,23 +6,20 @@ KV cache, so a rejected request leaves the engine exactly as it was.
 from __future__ import annotations
 
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
-import numpy as np
-import PIL.Image
-import torch
 
 from . import anyres
 from .config import ModelConfig
 from .errors import (
     ContextLengthError, GenerationParamsError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
 )
-from .media import Video, to_rgb
-from .preprocess import ProcessingConfig, VisualItem, anyres_tiles, padded_square_tile, video_tiles
+from .media import Video, as_items
+from .pixels import decode_item, tile_item
+from .preprocess import ProcessingConfig, VisualItem
 from .tokenizer import ChatTemplate, Tokenizer
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
@@ -79,19 +76,6 @@ class Limits:
     max_video_frames: int
 
 
-def as_items(images) -> list:
-    """``images`` as a list of items: None or [] -> [], one image or Video -> [it], a list -> itself."""
-    if images is None:
-        return []
-    if isinstance(images, (list, tuple)):
-        return list(images)
-    if isinstance(images, (Video, PIL.Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor)):
-        return [images]
-    raise UnsupportedInputError(
-        f"images must be an image, an ovfast.Video or a list of them, not {type(images).__name__}"
-    )
-
-
 class RequestBuilder:
     def __init__(self, model: ModelConfig, proc: ProcessingConfig, tokenizer: Tokenizer,
                  template: ChatTemplate | None, limits: Limits):
@@ -112,7 +96,7 @@ class RequestBuilder:
                 f"{n_frames} video frames in one request; this engine allows at most {self.limits.max_video_frames}"
             )
         ids = self._prompt_ids(prompt, chat, n_images, len(videos))
-        decoded = [x if isinstance(x, Video) else to_rgb(x) for x in items]
+        decoded = [decode_item(x) for x in items]
         counts = [self._num_tokens(x, n_images) for x in decoded]
         # Reject over-long requests before the costly resizing.
         prompt_tokens = len(ids) - n_images - len(videos) + sum(counts)
@@ -163,11 +147,7 @@ class RequestBuilder:
         return anyres.anyres_num_tokens(h, w, self.model.grid_pinpoints, self.proc.tile, g, self.model.max_num_patches)
 
     def _tile(self, item, n_images: int) -> VisualItem:
-        if isinstance(item, Video):
-            return video_tiles(item.rgb_frames(), self.model, self.proc)
-        if n_images > 1:
-            return padded_square_tile(item, self.model, self.proc)
-        return anyres_tiles(item, self.model, self.proc)
+        return tile_item(item, n_images, self.model, self.proc)
 
     def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
         """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""

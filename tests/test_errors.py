@@ -58,7 +58,8 @@ BAD_REQUESTS = {
         lambda tmp: dict(images=[GOOD_IMAGE], prompt="<image> what?"), ovfast.PlaceholderError, "chat=False"),
     "prompt not a string": (lambda tmp: dict(prompt=["a"]), ovfast.UnsupportedInputError, "prompt"),
     "empty video": (lambda tmp: dict(images=ovfast.Video([])), ovfast.EmptyVideoError, "no frames"),
-    "video file path": (lambda tmp: dict(images=ovfast.Video("clip.mp4")), ovfast.UnsupportedInputError, "frames"),
+    "missing video file": (lambda tmp: dict(images=ovfast.Video("clip.mp4")), ovfast.VideoReadError, "does not exist"),
+    "not a video": (lambda tmp: dict(images=ovfast.Video(b"not a video at all")), ovfast.VideoReadError, "video"),
     "bad video frame": (
         lambda tmp: dict(images=ovfast.Video([GOOD_IMAGE, b"junk"])), ovfast.ImageReadError, "frame 1"),
     "too many images": (lambda tmp: dict(images=[GOOD_IMAGE] * 3), ovfast.TooManyImagesError, "at most 2"),
