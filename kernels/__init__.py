@@ -7,5 +7,10 @@ tested against ``ovfast.ops.<name>.reference`` under ``TRITON_INTERPRET=1`` on t
 """
 
 # Vision kernels
+# Device tiling has no ops.py twin: ovfast.device_tiles calls it, ovfast.preprocess is its oracle.
+from .anyres import anyres_tile, pad_square_tile, squash_tiles
+from .bilinear_resize import bilinear_resize
+from .patch_embed import patch_embed
+from .projector import projector
 
 # Decoder kernels

@@ -13,7 +13,7 @@ from .errors import (
 )
 from .generation import Completion, Timings
 from .media import Video, set_max_image_pixels
-from .pixels import preprocess  # note: shadows the ovfast.preprocess submodule as an attribute
+from .pixels import preprocess
 from .random_checkpoint import build_checkpoint
 
 __version__ = "0.1.0"

@@ -29,7 +29,7 @@ from .models.llava_onevision import LlavaOnevision
 from .models.qwen2 import ForwardBatch
 from .ops import sample
 from .pixels import pixel_values
-from .preprocess import PixelNormalizer, ProcessingConfig
+from .processing import PixelNormalizer, ProcessingConfig
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .tokenizer import ChatTemplate, Tokenizer
 from .weights import load_weights, mapping_tensors, safetensors_tensors
@@ -369,12 +369,22 @@ class Engine:
 
     def _encode_items(self, items) -> list[torch.Tensor]:
         """Packed features (num_tokens, D) of each visual item: tiles -> SigLIP -> projector -> packing."""
+        from . import backends
+        from .device_tiles import pixel_affine
+
         model = self.model
-        tiles = torch.from_numpy(np.concatenate([it.tiles for it in items]))
+        tiles = torch.from_numpy(np.concatenate([it.tiles for it in items]))  # (N, T, T, 3) uint8
         if self.device.type == "cuda":
             tiles = tiles.pin_memory().to(self.device, non_blocking=True)
-        pixels = self.normalizer(tiles, self.dtype)
-        feats = model.encode_tiles(pixels, self.config.vision_chunk).split([len(it.tiles) for it in items])
+        if self.device.type == "cuda" or backends.use_triton(self.device):
+            # The normalisation folds into the patch embedding, which reads the HWC bytes in
+            # place; x * scale + shift can differ from the CPU table by a few ulps, so the CPU
+            # default path below keeps the table (bit-exact with the processor).
+            scale, shift = pixel_affine(self.requests.proc, self.device)
+            feats = model.encode_tiles(tiles.permute(0, 3, 1, 2), self.config.vision_chunk, scale, shift)
+        else:
+            feats = model.encode_tiles(self.normalizer(tiles, self.dtype), self.config.vision_chunk)
+        feats = feats.split([len(it.tiles) for it in items])
         packers = {"video": model.pack_video, "image_multi": model.pack_multi}
         return [
             model.pack_anyres(f, item.image_size) if item.kind == "image" else packers[item.kind](f)

@@ -20,9 +20,11 @@ class KVCache:
         self.slots = slots
         self.max_len = max_len
         shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
-        # torch.empty: nothing is read before it is written (prefill fills positions 0..L-1 first).
-        self.k = torch.empty(shape, dtype=dtype, device=device)
-        self.v = torch.empty(shape, dtype=dtype, device=device)
+        # Zeroed, not torch.empty: a batched decode step reads every row up to the longest row's
+        # length and masks the rest, and masked garbage that happens to be NaN still poisons the
+        # attention output (0 * NaN); reused allocator memory can hold such bytes.
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     @property
     def nbytes(self) -> int:

@@ -1,7 +1,7 @@
 """The native preprocessing, ovfast._C (csrc/), behind the signatures of the pure-Python path.
 
 setup.py builds ``ovfast._C`` on install. Without it (no C++ compiler then), the first use warns
-once and every caller takes the pure-Python twins in preprocess.py and media.py, which give the
+once and every caller takes the pure-Python twins in processing.py and media.py, which give the
 same bytes, slower. ``OVFAST_NATIVE=0`` forces the Python path; ``OVFAST_PREPROCESS_THREADS``
 sets the native thread count (default: the CPUs this process may run on).
 
@@ -21,7 +21,7 @@ import torch
 from . import anyres
 from .config import ModelConfig
 from .media import Pixels
-from .preprocess import ProcessingConfig, VisualItem, anyres_geometry, square_offsets
+from .processing import ProcessingConfig, VisualItem, anyres_geometry, square_offsets
 from .resample import horizontal_first
 
 try:

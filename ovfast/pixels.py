@@ -1,7 +1,7 @@
 """From request items to tiles and normalised pixel values, natively when ovfast._C is built.
 
 ``tile_item`` is what the request builder runs for each image or video: the native path
-(csrc/, through native.py) by default, the pure-Python path (preprocess.py) as its fallback and
+(csrc/, through native.py) by default, the pure-Python path (processing.py) as its fallback and
 test oracle; both give the same uint8 tiles. ``pixel_values`` adds the normalisation into one
 contiguous, optionally pinned, (N, 3, T, T) buffer: it is ``ovfast.preprocess`` and
 ``Engine.preprocess``.
@@ -17,7 +17,7 @@ from . import native
 from .config import ModelConfig
 from .errors import UnsupportedInputError
 from .media import Pixels, Video, as_items, composite, decode
-from .preprocess import (
+from .processing import (
     PixelNormalizer, ProcessingConfig, VisualItem, anyres_tiles, padded_square_tile, video_tiles,
 )
 

@@ -19,7 +19,7 @@ from .errors import (
 )
 from .media import Video, as_items
 from .pixels import decode_item, tile_item
-from .preprocess import ProcessingConfig, VisualItem
+from .processing import ProcessingConfig, VisualItem
 from .tokenizer import ChatTemplate, Tokenizer
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"

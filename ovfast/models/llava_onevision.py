@@ -30,14 +30,21 @@ class LlavaOnevision(nn.Module):
         self.image_newline = nn.Parameter(torch.empty(d))
         self.language_model = Qwen2ForCausalLM(cfg.text)
 
-    def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16) -> torch.Tensor:
-        """pixels (N, 3, S, S) -> projected features (N, P, D), ``chunk`` tiles through the tower at a time."""
-        out = []
-        for i in range(0, pixels.shape[0], chunk):
-            feats = self.vision_tower(pixels[i : i + chunk])
-            out.append(ops.projector(feats, self.projector_w1, self.projector_b1, self.projector_w2,
-                                     self.projector_b2, self.cfg.projector_gelu))
-        return torch.cat(out) if len(out) > 1 else out[0]
+    def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16, scale: torch.Tensor | None = None,
+                     shift: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (N, 3, S, S) -> projected features (N, P, D), ``chunk`` tiles through the tower at a time.
+
+        uint8 pixels need ``scale`` and ``shift`` (see ``SiglipVisionTower.forward``). Each
+        chunk's projection is written straight into its rows of the result.
+        """
+        n = pixels.shape[0]
+        w2 = self.projector_w2
+        out = torch.empty((n, self.cfg.vision.num_positions, w2.shape[0]), dtype=w2.dtype, device=w2.device)
+        for i in range(0, n, chunk):
+            feats = self.vision_tower(pixels[i : i + chunk], scale, shift)
+            ops.projector(feats, self.projector_w1, self.projector_b1, w2, self.projector_b2,
+                          self.cfg.projector_gelu, out=out[i : i + chunk])
+        return out
 
     def pack_anyres(self, feats: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
         """feats (1 + gh*gw, P, D) of one single image -> (num_tokens, D)."""

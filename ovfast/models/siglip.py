@@ -55,10 +55,18 @@ class SiglipVisionTower(nn.Module):
         self.position_embedding = nn.Parameter(torch.empty(cfg.num_positions, e))
         self.layers = nn.ModuleList(SiglipEncoderLayer(cfg) for _ in range(num_layers))
 
-    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        """pixels (N, 3, S, S) normalised -> features (N, P, E) of the last layer kept."""
+    def forward(self, pixels: torch.Tensor, scale: torch.Tensor | None = None,
+                shift: torch.Tensor | None = None) -> torch.Tensor:
+        """pixels (N, 3, S, S) -> features (N, P, E) of the last layer kept.
+
+        Float pixels are normalised already. uint8 pixels (any strides, e.g. HWC tiles permuted)
+        come with the per-channel fp32 ``scale`` and ``shift`` that normalise them inside the
+        patch embedding, so they reach the device as bytes (``device_tiles.pixel_affine``).
+        """
         n = pixels.shape[0]
-        h = ops.patch_embed(pixels.to(self.patch_weight.dtype), self.patch_weight, self.patch_bias, self.position_embedding)
+        if pixels.is_floating_point():
+            pixels = pixels.to(self.patch_weight.dtype)
+        h = ops.patch_embed(pixels, self.patch_weight, self.patch_bias, self.position_embedding, scale, shift)
         seq = h.shape[1]
         cu_seqlens = torch.arange(0, (n + 1) * seq, seq, dtype=torch.int32, device=h.device)
         h = h.reshape(n * seq, -1)

@@ -1,0 +1,75 @@
+"""What the vision kernels' launchers share: where the kernels run, tuning, and input checks.
+
+* ``INTERPRET``: ``TRITON_INTERPRET=1`` runs every kernel in Triton's NumPy interpreter on CPU
+  tensors (CI has no GPU). Read once at import, as Triton itself reads it when kernels are
+  defined, so it must be set before ``ovfast.kernels`` is imported (tests/conftest.py does).
+* ``BF16_FIX``: Triton 3.9's interpreter gets bf16 wrong twice: ``tl.dot`` on bf16 operands
+  returns garbage (fp16 and fp32 are right), and fp32 -> bf16 casts truncate instead of rounding
+  to nearest even (uint8 -> bf16 even reinterprets the integer bits). Kernels take the flag as a
+  constexpr: when set, ``dot_operand`` upcasts dot operands to fp32 (bf16 and fp16 are exact in
+  fp32, so the products are the same) and ``round_to`` rounds on the bits. Compiled kernels
+  never see it. Launchers read it at call time, so tests can switch it off to show the traps.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+BF16_FIX = INTERPRET
+
+
+@triton.jit
+def dot_operand(x, BF16_FIX: tl.constexpr):
+    """A tl.dot operand: as is when compiled, in fp32 under the interpreter (see BF16_FIX)."""
+    if BF16_FIX:
+        return x.to(tl.float32)
+    else:
+        return x
+
+
+@triton.jit
+def round_to(x, dtype: tl.constexpr, BF16_FIX: tl.constexpr):
+    """fp32 ``x`` rounded to nearest even in ``dtype`` (bit twiddling for bf16 under the interpreter)."""
+    if BF16_FIX:
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = bits + 0x7FFF + ((bits >> 16) & 1)  # carries into the exponent as RNE must
+            return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            return x.to(dtype)
+    else:
+        return x.to(dtype)
+
+
+def tunable(kernel, configs: list[triton.Config], key: list[str]):
+    """The kernel to launch: autotuned over ``configs`` when compiled, the plain kernel under the
+    interpreter, where autotuning would only multiply the runtime (launchers pass a fixed
+    config there)."""
+    return kernel if INTERPRET else triton.autotune(configs=configs, key=key)(kernel)
+
+
+def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device: torch.device | None = None) -> None:
+    """Raise a clear error when ``t`` is not a tensor of the expected rank, dtype and device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None and t.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
+    if dtypes is not None and t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+    if t.device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(f"{name} is on {t.device}: Triton kernels need CUDA tensors, or TRITON_INTERPRET=1 "
+                           "set before ovfast.kernels is imported (CPU tests)")
+
+
+def max_offset(t: torch.Tensor) -> int:
+    """The largest element offset a kernel adds to ``t``'s pointer: int32 offsets must hold it."""
+    return sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
