@@ -9,3 +9,7 @@ tested against ``ovfast.ops.<name>.reference`` under ``TRITON_INTERPRET=1`` on t
 # Vision kernels
 
 # Decoder kernels
+from .attention import attention_backend, attention_decode, attention_prefill
+from .rms_norm import rms_norm
+from .rope import rope
+from .silu_mul import silu_mul
