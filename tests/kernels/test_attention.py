@@ -111,7 +111,7 @@ def test_prefill_contiguous_inputs_and_blocks_equal(monkeypatch):
     """Contiguous q/k/v, and BLOCK_M == BLOCK_N (the causal diagonal is then a single key block)."""
     q, k, v = (x.contiguous() for x in _packed_qkv(40, 6, 2, 16, torch.float16, seed=4))
     cu = _cu([17, 23])
-    monkeypatch.setattr(prefill_mod, "_config", lambda d, n, e: (16, 16, 1, 1))
+    monkeypatch.setattr(prefill_mod, "_config", lambda d, n, e: (16, 16, 4, 1))
     for causal in (True, False):
         out = prefill_mod.attention_prefill(q, k, v, cu, 23, causal=causal)
         assert_attention_close(out, lambda dt: ops.attention_prefill.reference(
@@ -121,7 +121,7 @@ def test_prefill_contiguous_inputs_and_blocks_equal(monkeypatch):
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 def test_prefill_with_the_gpu_tiles(causal, monkeypatch):
     """The H100 tiles (128 x 64) on sequences that cross them, SigLIP's head dim."""
-    monkeypatch.setattr(prefill_mod, "_config", lambda d, n, e: (128, 64, 1, 1))
+    monkeypatch.setattr(prefill_mod, "_config", lambda d, n, e: (128, 64, 4, 2))
     _check_prefill([300, 77, 129], 2, 1, 72, causal, torch.bfloat16, seed=7)
 
 

@@ -58,16 +58,16 @@ def test_rope_changes_values():
     """Guard against a no-op kernel passing: positions > 0 rotate q and k."""
     _, q, k, positions = _qkv(7, 6, 2, 16, torch.float32, seed=1)
     before = q.clone(), k.clone()
-    kernel.rope(q, k, positions.clamp_min(1), ops.rope_cos_sin_cache(16, 1e6, MAX_POS))
+    kernel.rope(q, k, positions.clamp_min(1), ops.rope_cos_sin_cache(16, 1e6, MAX_POS, device=DEVICE))
     assert not torch.allclose(q, before[0]) and not torch.allclose(k, before[1])
 
 
 def test_rope_contiguous_and_int32_positions():
     g = torch.Generator().manual_seed(2)
-    q = torch.randn(9, 3, 16, generator=g, dtype=torch.float32).to(torch.bfloat16)
-    k = torch.randn(9, 1, 16, generator=g, dtype=torch.float32).to(torch.bfloat16)
-    pos = torch.arange(100, 109, dtype=torch.int32)
-    cache = ops.rope_cos_sin_cache(16, 1e6, 200)
+    q = torch.randn(9, 3, 16, generator=g).to(torch.bfloat16).to(DEVICE)
+    k = torch.randn(9, 1, 16, generator=g).to(torch.bfloat16).to(DEVICE)
+    pos = torch.arange(100, 109, dtype=torch.int32, device=DEVICE)
+    cache = ops.rope_cos_sin_cache(16, 1e6, 200, device=DEVICE)
     eq, ek = q.clone(), k.clone()
     ops.rope.reference(eq, ek, pos, cache)
     kernel.rope(q, k, pos, cache)
@@ -77,11 +77,11 @@ def test_rope_contiguous_and_int32_positions():
 def test_rope_rejects_bad_input():
     _, q, k, positions = _qkv(4, 2, 1, 16, torch.float32, seed=3)
     with pytest.raises(ValueError, match="cos_sin_cache"):
-        kernel.rope(q, k, positions, ops.rope_cos_sin_cache(8, 1e6, 10))
+        kernel.rope(q, k, positions, ops.rope_cos_sin_cache(8, 1e6, 10, device=DEVICE))
     with pytest.raises(ValueError, match="disagree"):
-        kernel.rope(q, k, positions[:3], ops.rope_cos_sin_cache(16, 1e6, 10))
+        kernel.rope(q, k, positions[:3], ops.rope_cos_sin_cache(16, 1e6, 10, device=DEVICE))
     with pytest.raises(TypeError):
-        kernel.rope(q, k, positions, ops.rope_cos_sin_cache(16, 1e6, 10).half())
+        kernel.rope(q, k, positions, ops.rope_cos_sin_cache(16, 1e6, 10, device=DEVICE).half())
 
 
 def test_dispatch_routes_rope_to_the_kernel():
