@@ -14,3 +14,7 @@ from .patch_embed import patch_embed
 from .projector import projector
 
 # Decoder kernels
+from .attention import attention_backend, attention_decode, attention_prefill
+from .rms_norm import rms_norm
+from .rope import rope
+from .silu_mul import silu_mul

@@ -9,6 +9,10 @@ of the torch body (which stays available as ``op.reference``, the kernels' test 
 * ``auto`` (default): Triton kernels for CUDA tensors when Triton is installed, torch otherwise;
 * ``triton``: Triton kernels for every tensor (CPU tensors need ``TRITON_INTERPRET=1``: tests);
 * ``torch``: plain torch everywhere.
+
+Attention has a second switch, ``OVFAST_ATTENTION`` (``auto``, ``flash_attn``, ``triton``,
+``torch``), read by ``ovfast.kernels.attention``: it picks flash-attn, Triton or SDPA behind the
+kernels' attention entry points; ``ovfast.kernels.attention_backend`` reports the choice.
 """
 from __future__ import annotations
 
