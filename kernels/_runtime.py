@@ -1,4 +1,4 @@
-"""What the vision kernels' launchers share: where the kernels run, tuning, and input checks.
+"""What the kernels' launchers share: where the kernels run, tuning, rounding and input checks.
 
 * ``INTERPRET``: ``TRITON_INTERPRET=1`` runs every kernel in Triton's NumPy interpreter on CPU
   tensors (CI has no GPU). Read once at import, as Triton itself reads it when kernels are
@@ -12,13 +12,14 @@
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 BF16_FIX = INTERPRET
 
 
@@ -54,12 +55,9 @@ def tunable(kernel, configs: list[triton.Config], key: list[str]):
 
 def check_tensor(name: str, t, *, ndim: int | None = None, dtypes=None, device: torch.device | None = None) -> None:
     """Raise a clear error when ``t`` is not a tensor of the expected rank, dtype and device."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    check_float(name, t, dtypes if dtypes is not None else (t.dtype,) if isinstance(t, torch.Tensor) else ())
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(t.shape)}")
-    if dtypes is not None and t.dtype not in dtypes:
-        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
     if device is not None and t.device != device:
         raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
     if t.device.type != "cuda" and not INTERPRET:
@@ -73,3 +71,30 @@ def max_offset(t: torch.Tensor) -> int:
 
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def check_float(name: str, t, dtypes=FLOAT_DTYPES) -> None:
+    """Raise a clear error when ``t`` is not a tensor of one of ``dtypes`` (the device is check_device's)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in dtypes:
+        raise TypeError(f"{name} has dtype {t.dtype}; expected one of {[str(d) for d in dtypes]}")
+
+
+def check_device(device: torch.device, **tensors: torch.Tensor) -> None:
+    """All tensors on ``device``, and that device one the kernels can run on."""
+    for name, t in tensors.items():
+        if t.device != device:
+            raise ValueError(f"{name} is on {t.device}, expected {device} (all inputs on one device)")
+    if device.type != "cuda" and not INTERPRET:
+        raise RuntimeError(
+            f"Triton kernels need CUDA tensors (got {device}); set TRITON_INTERPRET=1 to run them on the CPU"
+        )
+
+
+@functools.cache
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (a cached host-side query); 8 when interpreting."""
+    if device.type != "cuda":
+        return 8  # few programs: the interpreter runs them one after another
+    return torch.cuda.get_device_properties(device).multi_processor_count

@@ -32,7 +32,7 @@ import torch
 
 from ovfast import ops
 
-from ._decoder_utils import INTERPRET
+from ._runtime import INTERPRET
 from .decode_attention import attention_decode as _triton_decode
 from .prefill_attention import attention_prefill as _triton_prefill
 

@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._decoder_utils import INTERPRET, check_device, check_float, num_sms, round_to
+from ._runtime import INTERPRET, check_device, check_float, num_sms, round_to
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the combine kernel holds all splits' partials of one head in registers

@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._decoder_utils import INTERPRET, check_device, check_float, round_to
+from ._runtime import INTERPRET, check_device, check_float, round_to
 
 LOG2E = 1.4426950408889634
 

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._decoder_utils import INTERPRET, check_device, check_float, round_to
+from ._runtime import INTERPRET, check_device, check_float, round_to
 
 MAX_WIDTH = 65536  # one row lives in registers: 64k fp32 over 16 warps is 128 per thread
 

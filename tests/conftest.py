@@ -47,7 +47,8 @@ def checkpoint_dirs(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="session")
 def engines(checkpoint_dirs) -> dict[str, ovfast.Engine]:
-    return {name: ovfast.load(path, max_seq_len=12288) for name, path in checkpoint_dirs.items()}
+    # fp32 everywhere (also on a GPU machine, where the default would be bf16): the reference is fp32.
+    return {name: ovfast.load(path, max_seq_len=12288, dtype="float32") for name, path in checkpoint_dirs.items()}
 
 
 @pytest.fixture(params=sorted(CHECKPOINTS))

@@ -2,7 +2,7 @@
 
 Under ``TRITON_INTERPRET=1`` (no GPU) the kernels run in Triton's interpreter on the CPU: the
 launchers pick small fixed blocks there, and bf16 dot operands are upcast to fp32 (the
-interpreter's bf16 ``tl.dot`` is wrong), see ``kernels/_decoder_utils.py``.
+interpreter's bf16 ``tl.dot`` is wrong), see ``kernels/_runtime.py``.
 """
 from __future__ import annotations
 
