@@ -20,7 +20,9 @@ import torch
 
 from .checkpoint import Checkpoint, open_checkpoint
 from .config import ModelConfig
+from .backends import report, use_triton
 from .decode import DecodeRunner
+from .device_tiles import device_tiles, pixel_affine
 from .errors import ConfigError, OvfastError, UnsupportedInputError
 from .generation import Completion, Sequence, TextAssembler, Timings
 from .kv_cache import KVCache, round_up
@@ -131,7 +133,7 @@ class Engine:
         """
         params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         with self._exclusive():
-            req = self.requests.prepare(images, prompt, chat, params)
+            req = self._prepare(images, prompt, chat, params)
             return self._run([req])[0]
 
     def generate(self, images, prompt: str, **kw) -> str:
@@ -149,7 +151,7 @@ class Engine:
         params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
         # Validate eagerly so bad input raises at the call, not at the first next().
         with self._exclusive():
-            req = self.requests.prepare(images, prompt, chat, params)
+            req = self._prepare(images, prompt, chat, params)
         return self._stream(req)
 
     def complete_many(self, requests, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
@@ -174,7 +176,7 @@ class Engine:
                     if set(kw) != set(shared):
                         raise UnsupportedInputError(f"unknown overrides {sorted(set(kw) - set(shared))}")
                     chat_i = kw.pop("chat")
-                    prepared.append(self.requests.prepare(r[0], r[1], chat_i, SamplingParams.make(**kw)))
+                    prepared.append(self._prepare(r[0], r[1], chat_i, SamplingParams.make(**kw)))
                 except OvfastError as e:
                     raise type(e)(f"request {i}: {e}") from e
             return self._run(prepared)
@@ -187,20 +189,18 @@ class Engine:
         items = as_items(images)
         placeholders = "".join("<video>" if isinstance(x, Video) else "<image>" for x in items)
         with self._exclusive(), torch.inference_mode():
-            req = self.requests.prepare(items, placeholders, False, SamplingParams.make(max_new_tokens=1))
+            req = self._prepare(items, placeholders, False, SamplingParams.make(max_new_tokens=1))
             return self._encode_items(req.items) if req.items else []
 
     def logits(self, images, prompt: str, *, chat: bool = True) -> torch.Tensor:
         """fp32 next-token logits at every prompt position, (prompt_tokens, vocab_size)."""
         with self._exclusive(), torch.inference_mode():
-            req = self.requests.prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
+            req = self._prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
             hidden = self._prefill(req, slot=0)
             return self.model.language_model.logits(hidden)
 
     def info(self) -> dict:
         """What runs where: device, dtype, each op's backend, CUDA graphs, KV-cache size."""
-        from .backends import report
-
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
@@ -218,6 +218,10 @@ class Engine:
         return pixel_values(images, self.requests.model, self.requests.proc, self.normalizer, dtype or self.dtype, pin)
 
     # --- internals ----------------------------------------------------------------------------
+
+    def _prepare(self, images, prompt: str, chat: bool, params: SamplingParams) -> PreparedRequest:
+        # With the Triton kernels on (CUDA by default), images go to the device untiled, as uint8.
+        return self.requests.prepare(images, prompt, chat, params, device_tiling=use_triton(self.device))
 
     def _eos_ids(self) -> list[int]:
         eos = self.checkpoint.generation_config.get("eos_token_id")
@@ -369,27 +373,38 @@ class Engine:
 
     def _encode_items(self, items) -> list[torch.Tensor]:
         """Packed features (num_tokens, D) of each visual item: tiles -> SigLIP -> projector -> packing."""
-        from . import backends
-        from .device_tiles import pixel_affine
-
         model = self.model
-        tiles = torch.from_numpy(np.concatenate([it.tiles for it in items]))  # (N, T, T, 3) uint8
-        if self.device.type == "cuda":
-            tiles = tiles.pin_memory().to(self.device, non_blocking=True)
-        if self.device.type == "cuda" or backends.use_triton(self.device):
-            # The normalisation folds into the patch embedding, which reads the HWC bytes in
-            # place; x * scale + shift can differ from the CPU table by a few ulps, so the CPU
-            # default path below keeps the table (bit-exact with the processor).
+        if use_triton(self.device) or self.device.type == "cuda":
+            # uint8 all the way to the patch embedding, which folds the normalisation in as
+            # x * scale + shift (a few ulps from the CPU table, invisible after the cast to bf16)
+            # and reads the tiles in place. The CPU default keeps the table: bit-exact.
+            per_item = [self._device_tiles(it) for it in items]  # each (n, 3, T, T) uint8
             scale, shift = pixel_affine(self.requests.proc, self.device)
-            feats = model.encode_tiles(tiles.permute(0, 3, 1, 2), self.config.vision_chunk, scale, shift)
+            feats = model.encode_tiles(torch.cat(per_item), self.config.vision_chunk, scale, shift)
         else:
-            feats = model.encode_tiles(self.normalizer(tiles, self.dtype), self.config.vision_chunk)
-        feats = feats.split([len(it.tiles) for it in items])
+            per_item = [it.tiles for it in items]  # each (n, T, T, 3) uint8
+            pixels = self.normalizer(torch.from_numpy(np.concatenate(per_item)), self.dtype)
+            feats = model.encode_tiles(pixels, self.config.vision_chunk)
+        feats = feats.split([len(t) for t in per_item])
         packers = {"video": model.pack_video, "image_multi": model.pack_multi}
         return [
             model.pack_anyres(f, item.image_size) if item.kind == "image" else packers[item.kind](f)
             for item, f in zip(items, feats)
         ]
+
+    def _device_tiles(self, item) -> torch.Tensor:
+        """One item's uint8 tiles (n, 3, T, T) on the device: the pixels cross once, as uint8."""
+        def upload(a: np.ndarray) -> torch.Tensor:
+            if self.device.type != "cuda":
+                return torch.from_numpy(a if a.flags.writeable else a.copy())
+            staged = torch.empty(a.shape, dtype=torch.uint8, pin_memory=True)  # one host copy, pinned
+            staged.numpy()[...] = a
+            return staged.to(self.device, non_blocking=True)
+
+        if item.tiles is not None:  # tiled on the CPU (device tiling off, or another filter)
+            return upload(item.tiles).permute(0, 3, 1, 2)
+        pixels = [upload(f) for f in item.rgb] if item.kind == "video" else upload(item.rgb[0])
+        return device_tiles(pixels, item.kind, self.model_config, self.requests.proc)
 
     def _merge_visual(self, h: torch.Tensor, ids: torch.Tensor, req: PreparedRequest) -> None:
         """Write each item's packed features over its placeholder rows (images and videos in prompt order)."""

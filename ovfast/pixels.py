@@ -13,7 +13,7 @@ import functools
 import PIL.Image
 import torch
 
-from . import native
+from . import anyres, native
 from .config import ModelConfig
 from .errors import UnsupportedInputError
 from .media import Pixels, Video, as_items, composite, decode
@@ -39,6 +39,21 @@ def tile_item(item: Pixels | Video, n_images: int, model: ModelConfig, proc: Pro
     if n_images > 1:
         return native.padded_square_tile(item, model, proc) if fast else padded_square_tile(composite(item), model, proc)
     return native.anyres_tiles(item, model, proc) if fast else anyres_tiles(composite(item), model, proc)
+
+
+def untiled_item(item: Pixels | Video, n_images: int, model: ModelConfig) -> VisualItem:
+    """An item for tiling on the device (``ovfast.device_tiles``): its RGB pixels, counted, not tiled."""
+    rgb = native.to_rgb if native.enabled() else composite
+    g = model.vision.grid
+    if isinstance(item, Video):
+        frames = [rgb(f) for f in item.pixel_frames()]
+        return VisualItem("video", None, anyres.video_num_tokens(len(frames), g), rgb=frames)
+    image = rgb(item)
+    if n_images > 1:
+        return VisualItem("image_multi", None, anyres.multi_image_num_tokens(g), rgb=[image])
+    h, w = image.shape[:2]
+    tokens = anyres.anyres_num_tokens(h, w, model.grid_pinpoints, model.vision.image_size, g, model.max_num_patches)
+    return VisualItem("image", None, tokens, (h, w), rgb=[image])
 
 
 def pixel_values(images, model: ModelConfig, proc: ProcessingConfig, normalizer: PixelNormalizer,

@@ -62,12 +62,13 @@ class ProcessingConfig:
 
 @dataclass
 class VisualItem:
-    """One image or video of a request, tiled and counted."""
+    """One image or video of a request, tiled (or to be tiled on the device) and counted."""
 
     kind: str  # "image" (alone in its prompt: anyres), "image_multi" (one of several: padded square), "video"
-    tiles: np.ndarray  # (n, tile, tile, 3) uint8
+    tiles: np.ndarray | None  # (n, tile, tile, 3) uint8; None when the device tiles ``rgb``
     num_tokens: int
     image_size: tuple[int, int] | None = None  # (h, w) of an anyres image, for feature packing
+    rgb: list[np.ndarray] | None = None  # device tiling: the (H, W, 3) uint8 image, or a video's frames
 
 
 def resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
+import PIL.Image
 
 from . import anyres
 from .config import ModelConfig
@@ -18,7 +19,7 @@ from .errors import (
     ContextLengthError, GenerationParamsError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
 )
 from .media import Video, as_items
-from .pixels import decode_item, tile_item
+from .pixels import decode_item, tile_item, untiled_item
 from .processing import ProcessingConfig, VisualItem
 from .tokenizer import ChatTemplate, Tokenizer
 
@@ -81,7 +82,10 @@ class RequestBuilder:
                  template: ChatTemplate | None, limits: Limits):
         self.model, self.proc, self.tokenizer, self.template, self.limits = model, proc, tokenizer, template, limits
 
-    def prepare(self, images, prompt: str, chat: bool, params: SamplingParams) -> PreparedRequest:
+    def prepare(self, images, prompt: str, chat: bool, params: SamplingParams,
+                device_tiling: bool = False) -> PreparedRequest:
+        """Validate, decode, count and tile; with ``device_tiling`` the items keep their RGB pixels
+        for the GPU kernels to tile (``ovfast.device_tiles``) instead of being tiled here."""
         t0 = time.perf_counter()
         if not isinstance(prompt, str):
             raise UnsupportedInputError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -105,7 +109,10 @@ class RequestBuilder:
                 f"the prompt is {prompt_tokens} tokens (media included) and max_new_tokens is {params.max_new_tokens}: "
                 f"{prompt_tokens + params.max_new_tokens} > this engine's context of {self.limits.max_seq_len}"
             )
-        visual = [self._tile(x, n_images) for x in decoded]
+        if device_tiling and self.proc.resample == PIL.Image.Resampling.BICUBIC:  # the kernels' only filter
+            visual = [untiled_item(x, n_images, self.model) for x in decoded]
+        else:
+            visual = [tile_item(x, n_images, self.model, self.proc) for x in decoded]
         ids = self._expand(ids, visual)
         return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
 
@@ -145,9 +152,6 @@ class RequestBuilder:
             return anyres.multi_image_num_tokens(g)
         h, w = item.shape[:2]
         return anyres.anyres_num_tokens(h, w, self.model.grid_pinpoints, self.proc.tile, g, self.model.max_num_patches)
-
-    def _tile(self, item, n_images: int) -> VisualItem:
-        return tile_item(item, n_images, self.model, self.proc)
 
     def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
         """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""
