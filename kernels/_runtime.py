@@ -46,6 +46,23 @@ def round_to(x, dtype: tl.constexpr, BF16_FIX: tl.constexpr):
         return x.to(dtype)
 
 
+# H100 GEMM tiles for the vision GEMMs (patch embedding: K = 588; projector: K, N in 896..3584 over
+# up to ~27k rows): the Triton tutorial's Hopper shapes, 128- and 256-wide tiles keeping wgmma fed.
+# Configs too big for shared memory (fp32) are skipped by the tuner.
+GEMM_CONFIGS = [
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
+    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
+]
+# Interpreter: one NumPy op per block op, so fewer, larger programs run fastest.
+GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
+
+
 def tunable(kernel, configs: list[triton.Config], key: list[str]):
     """The kernel to launch: autotuned over ``configs`` when compiled, the plain kernel under the
     interpreter, where autotuning would only multiply the runtime (launchers pass a fixed

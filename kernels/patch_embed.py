@@ -100,19 +100,7 @@ def _patch_embed_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# H100 candidates: 128-wide tiles with 3-4 stages keep wgmma fed; K = 588 is only ~10 steps, so
-# deep pipelines buy little. Configs too big for shared memory (fp32) are skipped by the tuner.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8}, num_stages=4, num_warps=4),
-]
-# Interpreter: one NumPy op per block op, so fewer, larger programs run fastest.
-_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-_launch = _runtime.tunable(_patch_embed_kernel, _CONFIGS, key=["D", "K"])
+_launch = _runtime.tunable(_patch_embed_kernel, _runtime.GEMM_CONFIGS, key=["D", "K"])
 
 
 def patch_embed(
@@ -151,7 +139,7 @@ def patch_embed(
     w2 = weight.reshape(d, k)  # a view for the (contiguous) parameter
     scale32 = scale.float().contiguous() if scale is not None else None
     shift32 = shift.float().contiguous() if shift is not None else None
-    meta = _INTERPRET_CONFIG if _runtime.INTERPRET else {}
+    meta = _runtime.GEMM_INTERPRET_CONFIG if _runtime.INTERPRET else {}
 
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(d, meta_["BLOCK_N"]),)

@@ -92,25 +92,14 @@ def _linear_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-# H100 candidates for M ~ 27k rows (37 tiles), K, N in {1152, 896, 3584}: the tutorial's Hopper
-# shapes. Configs too big for shared memory (fp32) are skipped by the tuner.
-_CONFIGS = [
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 256, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 256, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=3, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=8),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 128, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-    triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_K": 64, "GROUP_M": 8}, num_stages=4, num_warps=4),
-]
-_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
-_launch = _runtime.tunable(_linear_kernel, _CONFIGS, key=["N", "K"])
+_launch = _runtime.tunable(_linear_kernel, _runtime.GEMM_CONFIGS, key=["N", "K"])
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, act: str | None) -> None:
     """out (M, N) = act(x (M, K) @ w.T + b), all 2-D with any strides."""
     m, k = x.shape
     n = w.shape[0]
-    meta = _INTERPRET_CONFIG if _runtime.INTERPRET else {}
+    meta = _runtime.GEMM_INTERPRET_CONFIG if _runtime.INTERPRET else {}
 
     def grid(meta_):
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)

@@ -22,8 +22,9 @@ from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
 H100 = GPUTarget("cuda", 90, 32)
-patch_embed, projector, bilinear, pillow = (
-    importlib.import_module(f"ovfast.kernels.{m}") for m in ("patch_embed", "projector", "bilinear_resize", "pillow_resize"))
+patch_embed, projector, bilinear, pillow, _runtime = (
+    importlib.import_module(f"ovfast.kernels.{m}")
+    for m in ("patch_embed", "projector", "bilinear_resize", "pillow_resize", "_runtime"))
 
 
 def compile_kernel(kernel, types: dict, consts: dict, aligned: list[str], num_warps: int, num_stages: int = 3):
@@ -42,7 +43,7 @@ def compile_kernel(kernel, types: dict, consts: dict, aligned: list[str], num_wa
 
 def main() -> None:
     for dt, ieee in (("bf16", False), ("fp32", True)):
-        configs = patch_embed._CONFIGS if dt == "bf16" else patch_embed._CONFIGS[:1]
+        configs = _runtime.GEMM_CONFIGS if dt == "bf16" else _runtime.GEMM_CONFIGS[:1]
         for cfg in configs:  # HWC uint8 tiles read through a permuted view: channel stride 1
             compile_kernel(
                 patch_embed._patch_embed_kernel,
@@ -52,7 +53,7 @@ def main() -> None:
                      HAS_SCALE=True, HAS_SHIFT=True, IEEE=ieee, BF16_FIX=False, **cfg.kwargs),
                 ["px_ptr", "w_ptr", "b_ptr", "pos_ptr", "out_ptr", "D", "stride_px_n", "stride_w_d", "stride_pos_p",
                  "stride_out_m"], cfg.num_warps, cfg.num_stages)
-        configs = projector._CONFIGS if dt == "bf16" else projector._CONFIGS[:1]
+        configs = _runtime.GEMM_CONFIGS if dt == "bf16" else _runtime.GEMM_CONFIGS[:1]
         for cfg in configs:
             compile_kernel(
                 projector._linear_kernel,
