@@ -28,6 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ovfast.bench import copy_bandwidth
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Datasheet dense bf16 TFLOP/s and HBM GB/s; the first name fragment found in the device name wins.
@@ -182,10 +184,7 @@ def main(argv=None) -> int:
         return 0
     name = torch.cuda.get_device_name()
     peak_tflops, peak_gbs = next(((t, g) for frag, t, g in PEAKS if frag in name), (None, None))
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    copy_gbs = 2 * src.numel() / _bench(lambda: dst.copy_(src)) / 1e6
-    del src, dst
+    copy_gbs = copy_bandwidth(torch.device("cuda"), nbytes=1 << 30)
     print(f"{name}: datasheet {peak_tflops} TFLOP/s bf16 dense, {peak_gbs} GB/s; measured copy {copy_gbs:.0f} GB/s")
     result = {"date": datetime.date.today().isoformat(), "device": name, "torch": torch.__version__,
               "peak_bf16_tflops": peak_tflops, "peak_hbm_gbs": peak_gbs, "measured_copy_gbs": round(copy_gbs, 1),

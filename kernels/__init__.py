@@ -18,3 +18,8 @@ from .attention import attention_backend, attention_decode, attention_prefill
 from .rms_norm import rms_norm
 from .rope import rope
 from .silu_mul import silu_mul
+
+__all__ = [
+    "anyres_tile", "attention_backend", "attention_decode", "attention_prefill", "bilinear_resize", "pad_square_tile",
+    "patch_embed", "projector", "rms_norm", "rope", "silu_mul", "squash_tiles",
+]
