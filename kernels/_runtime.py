@@ -63,6 +63,37 @@ GEMM_CONFIGS = [
 GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8}
 
 
+@triton.jit
+def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(pid_m, pid_n) of a GEMM program in grouped order: GROUP_M row blocks sweep every column
+    block together, so a column block (weights, or gathered patches) is reused from L2."""
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
+@triton.jit
+def online_softmax_step(acc, m_i, l_i, s, v, DOT_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """One key block of FlashAttention's online softmax: scores ``s`` (rows, keys; log2 units,
+    masked keys at -inf, at least one finite per row overall) and values ``v`` (keys, d) update the
+    running (acc, max, sum). P is rounded to the value dtype for the second GEMM, as FlashAttention
+    does; under the interpreter with bf16 (DOT_FP32) that rounding is done by hand and the dot in fp32."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_FP32:
+        p = round_to(p, tl.bfloat16, True).to(tl.float32)
+        v = v.to(tl.float32)
+    else:
+        p = p.to(v.dtype)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+    return acc, m_new, l_i
+
+
 def tunable(kernel, configs: list[triton.Config], key: list[str]):
     """The kernel to launch: autotuned over ``configs`` when compiled, the plain kernel under the
     interpreter, where autotuning would only multiply the runtime (launchers pass a fixed

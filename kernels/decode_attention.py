@@ -39,7 +39,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, check_device, check_float, num_sms, round_to
+from ._runtime import INTERPRET, check_device, check_float, num_sms, online_softmax_step, round_to
 
 LOG2E = 1.4426950408889634
 MAX_SPLITS = 64  # the combine kernel holds all splits' partials of one head in registers
@@ -91,18 +91,8 @@ def _attention_decode_kernel(
         if DOT_FP32:
             k = k.to(tl.float32)
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # (BLOCK_G, BLOCK_N), log2 units
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))  # finite: key start_n < end is always visible
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        if DOT_FP32:  # interpreter + bf16: round P as the GPU would, then an exact fp32 dot
-            p = round_to(p, tl.bfloat16, True).to(tl.float32)
-            v = v.to(tl.float32)
-        else:
-            p = p.to(v.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-        m_i = m_new
+        s = tl.where(n_mask[None, :], s, float("-inf"))  # key start_n < end is always visible
+        acc, m_i, l_i = online_softmax_step(acc, m_i, l_i, s, v, DOT_FP32, DOT_PRECISION)
 
     if SINGLE_SPLIT:  # no combine pass: normalise here (l = 0 only for L = 0 -> zeros)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]

@@ -28,7 +28,7 @@ import triton.language as tl
 from ovfast import ops
 
 from . import _runtime
-from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, max_offset, round_to
+from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, grouped_pid, max_offset, round_to
 
 
 @triton.jit
@@ -45,14 +45,7 @@ def _patch_embed_kernel(
 ):
     # Grouped ordering: GROUP_M row blocks sweep all column blocks together, so a group's
     # patches are gathered from L2 rather than HBM for every column block.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(D, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, D, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # patch rows (image, patch)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # output features

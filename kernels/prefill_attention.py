@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import INTERPRET, check_device, check_float, round_to
+from ._runtime import INTERPRET, check_device, check_float, online_softmax_step, round_to
 
 LOG2E = 1.4426950408889634
 
@@ -65,18 +65,8 @@ def _attn_block(
     if CAUSAL_MASK:
         s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
     # Never -inf - -inf: every row has a visible key in the first block it runs (key 0, or key
-    # lo on the causal diagonal), so m_new is finite from the first step on.
-    m_new = tl.maximum(m_i, tl.max(s, axis=1))
-    p = tl.exp2(s - m_new[:, None])
-    alpha = tl.exp2(m_i - m_new)
-    l_i = l_i * alpha + tl.sum(p, axis=1)
-    if DOT_FP32:  # interpreter + bf16: round P as the GPU would, then an exact fp32 dot
-        p = round_to(p, tl.bfloat16, True).to(tl.float32)
-        v = v.to(tl.float32)
-    else:
-        p = p.to(v.dtype)  # FlashAttention rounds P to the value dtype for the second GEMM
-    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
-    return acc, m_new, l_i
+    # lo on the causal diagonal), so the running max is finite from the first step on.
+    return online_softmax_step(acc, m_i, l_i, s, v, DOT_FP32, DOT_PRECISION)
 
 
 @triton.jit

@@ -25,7 +25,7 @@ import triton.language as tl
 from ovfast import ops
 
 from . import _runtime
-from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, round_to
+from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, grouped_pid, round_to
 
 _ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # None: no activation (second GEMM)
 
@@ -53,14 +53,7 @@ def _linear_kernel(
 ):
     """out = act(x @ w.T + b): x (M, K), w (N, K) as nn.Linear stores it; ACT 0 = none, 1 = erf GELU, 2 = tanh GELU."""
     # Grouped ordering: GROUP_M row blocks share each weight column block while it is in L2.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = min(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
