@@ -64,6 +64,17 @@ GEMM_INTERPRET_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M":
 
 
 @triton.jit
+def dot_acc(a, b, acc, IEEE: tl.constexpr, BF16_FIX: tl.constexpr):
+    """acc + a @ b for the GEMM kernels: IEEE fp32 products when asked (no TF32), and the
+    interpreter's bf16 workaround on the operands (see BF16_FIX)."""
+    a = dot_operand(a, BF16_FIX)
+    b = dot_operand(b, BF16_FIX)
+    if IEEE:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    return tl.dot(a, b, acc)
+
+
+@triton.jit
 def grouped_pid(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
     """(pid_m, pid_n) of a GEMM program in grouped order: GROUP_M row blocks sweep every column
     block together, so a column block (weights, or gathered patches) is reused from L2."""

@@ -25,12 +25,11 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
-from contextlib import contextmanager
 
 import torch
 
 from ovfast import ops
+from ovfast.backends import Switch
 
 from ._runtime import INTERPRET
 from .decode_attention import attention_decode as _triton_decode
@@ -39,31 +38,20 @@ from .prefill_attention import attention_prefill as _triton_prefill
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "flash_attn", "triton", "torch")
-_mode = os.environ.get("OVFAST_ATTENTION", "auto").lower()
-if _mode not in MODES:
-    raise ValueError(f"OVFAST_ATTENTION={_mode!r}; use one of {MODES}")
+ATTENTION = Switch("OVFAST_ATTENTION", MODES)
 
 
 def set_attention_mode(mode: str) -> None:
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"attention mode {mode!r}; use one of {MODES}")
-    _mode = mode
+    ATTENTION.set(mode)
 
 
 def get_attention_mode() -> str:
-    return _mode
+    return ATTENTION.value
 
 
-@contextmanager
 def attention_mode(mode: str):
     """Run a block with another attention mode."""
-    previous = _mode
-    set_attention_mode(mode)
-    try:
-        yield
-    finally:
-        set_attention_mode(previous)
+    return ATTENTION.using(mode)
 
 
 @functools.cache
@@ -96,7 +84,7 @@ _reported: set[tuple] = set()
 def attention_backend(device, dtype: torch.dtype, head_dim: int) -> str:
     """The backend ("flash_attn", "triton" or "torch") attention uses for these tensors now."""
     device = torch.device(device)
-    mode = _mode
+    mode = ATTENTION.value
     if mode == "flash_attn":
         if flash_attn_module() is None:
             raise RuntimeError("OVFAST_ATTENTION=flash_attn but the flash_attn package is not importable")

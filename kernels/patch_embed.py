@@ -28,7 +28,7 @@ import triton.language as tl
 from ovfast import ops
 
 from . import _runtime
-from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, grouped_pid, max_offset, round_to
+from ._runtime import FLOAT_DTYPES, check_tensor, dot_acc, grouped_pid, max_offset, round_to
 
 
 @triton.jit
@@ -75,12 +75,7 @@ def _patch_embed_kernel(
         a = round_to(a, w_ptr.dtype.element_ty, BF16_FIX)
         b = tl.load(w_ptr + offs_n[None, :] * stride_w_d + offs_k[:, None] * stride_w_k,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) of weight.T
-        a = dot_operand(a, BF16_FIX)
-        b = dot_operand(b, BF16_FIX)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc, IEEE, BF16_FIX)
 
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]

@@ -25,7 +25,7 @@ import triton.language as tl
 from ovfast import ops
 
 from . import _runtime
-from ._runtime import FLOAT_DTYPES, check_tensor, dot_operand, grouped_pid, round_to
+from ._runtime import FLOAT_DTYPES, check_tensor, dot_acc, grouped_pid, round_to
 
 _ACTIVATIONS = {None: 0, "none": 1, "tanh": 2}  # None: no activation (second GEMM)
 
@@ -67,12 +67,7 @@ def _linear_kernel(
                     mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptr + offs_n[None, :] * stride_w_n + offs_k[:, None] * stride_w_k,
                     mask=k_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_K, BLOCK_N) of w.T
-        a = dot_operand(a, BF16_FIX)
-        b = dot_operand(b, BF16_FIX)
-        if IEEE:
-            acc = tl.dot(a, b, acc, input_precision="ieee")
-        else:
-            acc = tl.dot(a, b, acc)
+        acc = dot_acc(a, b, acc, IEEE, BF16_FIX)
 
     out_ty = out_ptr.dtype.element_ty
     if HAS_BIAS:

@@ -24,10 +24,33 @@ from contextlib import contextmanager
 
 import torch
 
+class Switch:
+    """A mode read from an environment variable at import, changeable at run time (and per block)."""
+
+    def __init__(self, env: str, modes: tuple[str, ...]):
+        self.env, self.modes = env, modes
+        value = os.environ.get(env, modes[0]).lower()
+        if value not in modes:
+            raise ValueError(f"{env}={value!r}; use one of {modes}")
+        self.value = value
+
+    def set(self, mode: str) -> None:
+        if mode not in self.modes:
+            raise ValueError(f"{self.env} mode {mode!r}; use one of {self.modes}")
+        self.value = mode
+
+    @contextmanager
+    def using(self, mode: str):
+        previous = self.value
+        self.set(mode)
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
 MODES = ("auto", "triton", "torch")
-_mode = os.environ.get("OVFAST_KERNELS", "auto").lower()
-if _mode not in MODES:
-    raise ValueError(f"OVFAST_KERNELS={_mode!r}; use one of {MODES}")
+KERNELS = Switch("OVFAST_KERNELS", MODES)
 
 
 @functools.cache
@@ -36,31 +59,22 @@ def triton_available() -> bool:
 
 
 def set_kernel_mode(mode: str) -> None:
-    global _mode
-    if mode not in MODES:
-        raise ValueError(f"kernel mode {mode!r}; use one of {MODES}")
-    _mode = mode
+    KERNELS.set(mode)
 
 
 def get_kernel_mode() -> str:
-    return _mode
+    return KERNELS.value
 
 
-@contextmanager
 def kernel_mode(mode: str):
     """Run a block with another kernel mode (tests force the Triton path with it)."""
-    previous = _mode
-    set_kernel_mode(mode)
-    try:
-        yield
-    finally:
-        set_kernel_mode(previous)
+    return KERNELS.using(mode)
 
 
 def use_triton(device: torch.device) -> bool:
-    if _mode == "torch":
+    if KERNELS.value == "torch":
         return False
-    if _mode == "triton":
+    if KERNELS.value == "triton":
         return True
     return device.type == "cuda" and triton_available()
 
