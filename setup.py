@@ -24,7 +24,10 @@ ext = Pybind11Extension(
 )
 
 setup(
-    packages=["ovfast", "ovfast.models", "ovfast.kernels"],
+    packages=[
+        "ovfast", "ovfast.checkpoint", "ovfast.inputs", "ovfast.kernels", "ovfast.models", "ovfast.ops",
+        "ovfast.runtime", "ovfast.testing", "ovfast.tools",
+    ],
     package_dir={"ovfast": "ovfast", "ovfast.kernels": "kernels"},
     package_data={"ovfast": ["py.typed"]},
     ext_modules=[ext],

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ovfast.bench import copy_bandwidth
+from ovfast.tools.bench import copy_bandwidth
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -72,10 +72,11 @@ def _row(rows, name, ms_kernel, ms_torch, *, flops=None, nbytes=None, peak_tflop
 
 
 def bench_kernels(peak_tflops, peak_gbs) -> list[dict]:
-    from ovfast import kernels, ops, processing
-    from ovfast.config import ModelConfig
-    from ovfast.device_tiles import device_tiles
-    from ovfast.random_checkpoint import build_config
+    from ovfast import kernels, ops
+    from ovfast.checkpoint.config import ModelConfig
+    from ovfast.inputs import processing
+    from ovfast.inputs.device_tiles import device_tiles
+    from ovfast.testing.random_checkpoint import build_config
 
     dev, bf16, rows = "cuda", torch.bfloat16, []
     scale = torch.full((3,), 1 / 127.5, device=dev)
@@ -129,8 +130,9 @@ def bench_vision_stage() -> list[dict]:
     from transformers import LlavaOnevisionForConditionalGeneration
 
     import ovfast
-    from ovfast.demo import cache_dir, synthetic_image
-    from ovfast.device_tiles import device_tiles, pixel_affine
+    from ovfast.inputs import anyres
+    from ovfast.inputs.device_tiles import device_tiles, pixel_affine
+    from ovfast.tools.demo import cache_dir, synthetic_image
 
     path = cache_dir() / "bench-0.5b"
     if not (path / "config.json").is_file():
@@ -143,7 +145,8 @@ def bench_vision_stage() -> list[dict]:
     def ours(pixels: torch.Tensor, size) -> torch.Tensor:
         """uint8 (H, W, 3) on the host or the device -> packed (tokens, D)."""
         tiles = device_tiles(pixels.to("cuda", non_blocking=True), "image", cfg, proc)
-        return model.pack_anyres(model.encode_tiles(tiles, engine.config.vision_chunk, scale, shift), size)
+        layout = anyres.anyres_layout(*size, cfg.grid_pinpoints, proc.tile, cfg.vision.grid, cfg.max_num_patches)
+        return model.pack_anyres(model.encode_tiles(tiles, engine.config.vision_chunk, scale, shift), layout)
 
     def theirs(x: dict) -> torch.Tensor:
         return hf.model.get_image_features(x["pixel_values"], x["image_sizes"],

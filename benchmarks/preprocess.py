@@ -27,9 +27,9 @@ from transformers import LlavaOnevisionImageProcessorPil
 from transformers.image_utils import SizeDict
 
 import ovfast
-from ovfast import native
-from ovfast.config import DEFAULT_PINPOINTS
-from ovfast.demo import synthetic_image
+from ovfast.checkpoint.config import DEFAULT_PINPOINTS
+from ovfast.inputs import native
+from ovfast.tools.demo import synthetic_image
 
 SETTINGS = dict(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3, do_pad=True,
                 image_grid_pinpoints=[list(p) for p in DEFAULT_PINPOINTS])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ovfast.anyres import centred_padding
+from ovfast.inputs.anyres import centred_padding
 
 from ._runtime import check_tensor
 from .pillow_resize import Resize, resize_into_tiles

@@ -17,7 +17,7 @@ Forcing a backend that cannot run the tensors raises instead of silently falling
 ``attention_backend(device, dtype, head_dim)`` reports the choice, and each new choice is logged
 once at INFO level on the ``ovfast.kernels.attention`` logger.
 
-These entry points run when ``ovfast.backends`` routes an op to the kernels (``OVFAST_KERNELS``
+These entry points run when ``ovfast.ops.backends`` routes an op to the kernels (``OVFAST_KERNELS``
 ``auto`` on CUDA, or ``triton``); with ``OVFAST_KERNELS=torch`` neither flash-attn nor Triton runs.
 """
 from __future__ import annotations
@@ -29,7 +29,7 @@ import logging
 import torch
 
 from ovfast import ops
-from ovfast.backends import Switch
+from ovfast.ops.backends import Switch
 
 from ._runtime import INTERPRET
 from .decode_attention import attention_decode as _triton_decode

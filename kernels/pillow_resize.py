@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ovfast.resample import PRECISION_BITS, coefficients, horizontal_first
+from ovfast.inputs.resample import PRECISION_BITS, coefficients, horizontal_first
 
 from . import _runtime
 

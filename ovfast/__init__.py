@@ -5,16 +5,26 @@
     print(engine.generate("photo.jpg", "What is shown in this image?"))
 """
 from .api import DEFAULT_MODEL, generate, get_engine
-from .engine import Engine, EngineBusyError, EngineConfig, load
 from .errors import (
-    ConfigError, ContextLengthError, EmptyVideoError, GenerationParamsError, ImageReadError, ImageTooLargeError,
-    InputError, ModelLoadError, OvfastError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+    ConfigError,
+    ContextLengthError,
+    EmptyVideoError,
+    GenerationParamsError,
+    ImageReadError,
+    ImageTooLargeError,
+    InputError,
+    ModelLoadError,
+    OvfastError,
+    PlaceholderError,
+    TooManyImagesError,
+    UnsupportedInputError,
     VideoReadError,
 )
-from .generation import Completion, Timings
-from .media import Video, set_max_image_pixels
-from .pixels import preprocess
-from .random_checkpoint import build_checkpoint
+from .inputs.media import Video, set_max_image_pixels
+from .inputs.preprocess import preprocess
+from .runtime.engine import Engine, EngineBusyError, EngineConfig, load
+from .runtime.generation import Completion, Timings
+from .testing.random_checkpoint import build_checkpoint
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import os
 import threading
 
-from .engine import Engine, load
+from .runtime.engine import Engine, load
 
 DEFAULT_MODEL = "llava-hf/llava-onevision-qwen2-0.5b-ov-hf"
 

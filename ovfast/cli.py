@@ -57,14 +57,14 @@ def _generate(args) -> int:
 
 
 def _demo(args) -> int:
-    from .demo import run_demo
+    from .tools.demo import run_demo
 
     run_demo(args.model, max_new_tokens=args.max_new_tokens)
     return 0
 
 
 def _build(args) -> int:
-    from .random_checkpoint import build_checkpoint
+    from .testing.random_checkpoint import build_checkpoint
 
     path = build_checkpoint(args.out, args.preset, seed=args.seed, dtype=args.dtype, layout=args.layout,
                             weights=not args.no_weights)
@@ -75,7 +75,7 @@ def _build(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: ovfast bench --help
-        from .bench import main as bench_main
+        from .tools.bench import main as bench_main
 
         return bench_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ovfast", description="Fast LLaVA-OneVision inference")

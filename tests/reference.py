@@ -1,6 +1,6 @@
 """transformers as the reference for the tests: its model, processor inputs and greedy generation.
 
-The processor-side helpers live in ``ovfast.hf_reference`` (``ovfast bench`` uses them too).
+The processor-side helpers live in ``ovfast.testing.hf_reference`` (``ovfast bench`` uses them too).
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from transformers import LlavaOnevisionForConditionalGeneration
 
-from ovfast.demo import synthetic_image  # noqa: F401  (tests use ref.synthetic_image)
-from ovfast.hf_reference import inputs, processor, video_pixels  # noqa: F401
+from ovfast.testing.hf_reference import inputs, processor, video_pixels  # noqa: F401
+from ovfast.tools.demo import synthetic_image  # noqa: F401  (tests use ref.synthetic_image)
 
 
 @functools.lru_cache(maxsize=None)

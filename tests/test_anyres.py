@@ -5,8 +5,8 @@ import random
 
 import pytest
 
-from ovfast import anyres
-from ovfast.config import DEFAULT_PINPOINTS
+from ovfast.checkpoint.config import DEFAULT_PINPOINTS
+from ovfast.inputs import anyres
 
 # REFERENCE.md section 6.3 (h x w -> patches, tokens) and the section 12 unpad rounding edge cases.
 GOLDEN = {

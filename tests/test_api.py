@@ -6,10 +6,10 @@ import shutil
 import threading
 
 import pytest
+import reference as ref
 
 import ovfast
-import reference as ref
-from ovfast.tokenizer import IncrementalDecoder
+from ovfast.checkpoint.tokenizer import IncrementalDecoder
 
 
 def test_completion_fields(tiny):

@@ -5,8 +5,8 @@ import json
 
 import torch
 
-from ovfast.bench import copy_bandwidth, decode_bytes_per_token
 from ovfast.cli import main
+from ovfast.tools.bench import copy_bandwidth, decode_bytes_per_token
 
 
 def test_bench_tiny_writes_results(tmp_path, monkeypatch, capsys):

@@ -3,13 +3,13 @@ plain dynamic decode loop, and CUDA graphs against eager steps on a GPU."""
 from __future__ import annotations
 
 import pytest
+import reference as ref
 import torch
 
 import ovfast
-import reference as ref
-from ovfast.decode import buckets
 from ovfast.models.qwen2 import ForwardBatch
-from ovfast.request import SamplingParams
+from ovfast.runtime.decode import buckets
+from ovfast.runtime.request import SamplingParams
 
 
 def _dynamic_greedy(engine, images, prompt, n):

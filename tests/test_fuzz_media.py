@@ -20,7 +20,7 @@ IMAGE_FORMATS = ["PNG", "JPEG", "WEBP", "GIF", "BMP"]
 
 
 def _image_seeds() -> list[bytes]:
-    from ovfast.demo import synthetic_image
+    from ovfast.tools.demo import synthetic_image
 
     out = []
     for i, fmt in enumerate(IMAGE_FORMATS):
@@ -33,7 +33,6 @@ def _image_seeds() -> list[bytes]:
 
 def _video_seeds(tmp: str) -> list[bytes]:
     import av
-
     from test_video_files import FORMATS, encode
 
     out = []

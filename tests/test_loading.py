@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 import pytest
+import reference as ref
 import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlavaOnevisionConfig
 
 import ovfast
-import reference as ref
-from ovfast.config import ModelConfig
-from ovfast.random_checkpoint import build_config
+from ovfast.checkpoint.config import ModelConfig
+from ovfast.testing.random_checkpoint import build_config
 
 
 def _small(path, **kw):
@@ -219,7 +219,7 @@ def test_transformers_loads_every_tensor_the_builder_writes(checkpoint_dirs):
 
     from safetensors import safe_open
 
-    from ovfast.weight_names import LAYOUTS, canonical_name
+    from ovfast.checkpoint.weight_names import LAYOUTS, canonical_name
 
     to_hf5 = LAYOUTS["transformers5"]
     for name, path in checkpoint_dirs.items():

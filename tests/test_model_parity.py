@@ -115,7 +115,7 @@ def test_prompt_ids_match_processor(ckpt):
         ([], "plain text only\nwith a newline"),
     ]:
         expected = ref.inputs(path, images, prompt)["input_ids"][0].tolist()
-        req = engine.requests.prepare(images, prompt, True, ovfast.engine.SamplingParams.make())
+        req = engine.requests.prepare(images, prompt, True, ovfast.runtime.request.SamplingParams.make())
         assert req.input_ids == expected
 
 

@@ -14,16 +14,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import PIL.Image
 import pytest
+import reference as ref
 import torch
 
 import ovfast
-import reference as ref
-from ovfast import native
-from ovfast.media import Pixels, composite
-from ovfast.resample import horizontal_first
+from ovfast.inputs import native
+from ovfast.inputs.media import Pixels, composite
+from ovfast.inputs.resample import horizontal_first
 
-pytestmark = pytest.mark.skipif(ovfast.native._C is None, reason="ovfast._C is not built")
-C = ovfast.native._C
+pytestmark = pytest.mark.skipif(ovfast.inputs.native._C is None, reason="ovfast._C is not built")
+C = ovfast.inputs.native._C
 
 # (h, w): 1x1 and the extreme strips, REFERENCE.md section 12's unpad edge cases, the worked
 # example, the radar image, the largest token count, the downscale canvases and a 12 MP photo.
@@ -180,7 +180,7 @@ def test_one_contiguous_buffer_in_item_order():
 def test_both_paths_agree_on_uint8_tiles(tiny):
     _, engine = tiny
     images = [ref.synthetic_image(333, 777, seed=9), np.asarray(ref.synthetic_image(50, 60, seed=1, mode="RGBA"))]
-    params = ovfast.engine.SamplingParams.make()
+    params = ovfast.runtime.request.SamplingParams.make()
     for items in (images[:1], images, [ovfast.Video(ref.video_frames(2, 40, 90, seed=5))]):
         fast = engine.requests.prepare(items, "", True, params).items
         with native.disabled():

@@ -6,11 +6,11 @@ import io
 import numpy as np
 import PIL.Image
 import pytest
+import reference as ref
 import torch
 
 import ovfast
-import reference as ref
-from ovfast.media import to_rgb
+from ovfast.inputs.media import to_rgb
 
 # Sizes (h, w): the worked example, the radar test image, extreme aspect ratios, tiny images, the
 # unpad rounding edge cases of REFERENCE.md section 12, the largest token count (1153x946) and
@@ -22,7 +22,7 @@ SIZES = [
 
 
 def _ours(engine, images) -> list[torch.Tensor]:
-    req = engine.requests.prepare(images, "", True, ovfast.engine.SamplingParams.make())
+    req = engine.requests.prepare(images, "", True, ovfast.runtime.request.SamplingParams.make())
     return [engine.normalizer(torch.from_numpy(it.tiles)) for it in req.items]
 
 
@@ -46,7 +46,7 @@ def test_several_images_are_padded_squares(tiny):
     for i, px in enumerate(ours):
         assert torch.equal(px, expected[i])
     # The pad colour is int(0.5 * 255) = 127 before normalisation.
-    assert engine.requests.prepare(images, "", True, ovfast.engine.SamplingParams.make()).items[0].tiles[0, 0, 0].tolist() == [127] * 3
+    assert engine.requests.prepare(images, "", True, ovfast.runtime.request.SamplingParams.make()).items[0].tiles[0, 0, 0].tolist() == [127] * 3
 
 
 def test_video_frames_are_pil_bicubic_squashes(tiny):

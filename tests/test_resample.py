@@ -1,4 +1,4 @@
-"""ovfast.resample (Pillow's BICUBIC re-derived) against the installed Pillow, bit for bit."""
+"""ovfast.inputs.resample (Pillow's BICUBIC re-derived) against the installed Pillow, bit for bit."""
 from __future__ import annotations
 
 import random
@@ -7,7 +7,7 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from ovfast.resample import coefficients, horizontal_first, resize
+from ovfast.inputs.resample import coefficients, horizontal_first, resize
 
 EXTREMES = [
     (1, 1, 384, 384), (13, 2000, 384, 384), (2000, 13, 384, 384), (1, 500, 384, 384), (500, 1, 384, 384),

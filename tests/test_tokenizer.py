@@ -4,13 +4,13 @@ from __future__ import annotations
 import random
 
 import pytest
+import reference as ref
 from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
-import reference as ref
-from ovfast.random_checkpoint import LLAVA_OV_CHAT_TEMPLATE
-from ovfast.random_tokenizer import SPECIAL_TOKENS, build_tokenizer
-from ovfast.tokenizer import ChatTemplate
+from ovfast.checkpoint.tokenizer import ChatTemplate
+from ovfast.testing.random_checkpoint import LLAVA_OV_CHAT_TEMPLATE
+from ovfast.testing.random_tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 TEXTS = [
     "What is shown in this image?",

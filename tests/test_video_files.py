@@ -175,7 +175,7 @@ def test_pixel_limit_applies_to_images_and_video_frames(clips):
             ovfast.preprocess(_png_of(50, 50))
         assert ovfast.preprocess(_png_of(20, 20))[0].shape[0] == 2
     finally:
-        ovfast.set_max_image_pixels(ovfast.media.PIL.Image.MAX_IMAGE_PIXELS)
+        ovfast.set_max_image_pixels(ovfast.inputs.media.PIL.Image.MAX_IMAGE_PIXELS)
 
 
 def _png_of(h, w) -> bytes:

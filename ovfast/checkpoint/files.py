@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 # What a hub download fetches: configs, templates, tokenizer and safetensors weights (no .bin, no .pt).
 _HUB_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "chat_template*"]

@@ -12,9 +12,9 @@ from __future__ import annotations
 import PIL.Image
 import torch
 
+from ..checkpoint.config import ModelConfig
+from ..errors import ConfigError
 from . import anyres
-from .config import ModelConfig
-from .errors import ConfigError
 from .processing import ProcessingConfig
 
 
@@ -27,7 +27,7 @@ def device_tiles(pixels: torch.Tensor | list[torch.Tensor], kind: str, model: Mo
     uint8 tensor or a list of (H, W, 3) ones. Equal to the ``tiles`` of
     ``processing.anyres_tiles`` / ``padded_square_tile`` / ``video_tiles``, permuted to CHW.
     """
-    from . import kernels  # Triton is imported only when device tiling is used
+    from .. import kernels  # Triton is imported only when device tiling is used
 
     if proc.resample != PIL.Image.Resampling.BICUBIC:
         raise ConfigError(f"device tiling implements Pillow's BICUBIC only, not resample={proc.resample}; "

@@ -22,7 +22,7 @@ import numpy as np
 import PIL.Image
 import torch
 
-from .errors import EmptyVideoError, ImageReadError, ImageTooLargeError, UnsupportedInputError, VideoReadError
+from ..errors import EmptyVideoError, ImageReadError, ImageTooLargeError, UnsupportedInputError, VideoReadError
 from .video_file import VideoFile
 
 ImageLike = Union[PIL.Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor]

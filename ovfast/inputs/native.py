@@ -18,14 +18,14 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from ..checkpoint.config import ModelConfig
 from . import anyres
-from .config import ModelConfig
 from .media import Pixels
 from .processing import ProcessingConfig, VisualItem, anyres_geometry, square_offsets
 from .resample import horizontal_first
 
 try:
-    _C = importlib.import_module(f"{__package__}._C")
+    _C = importlib.import_module("ovfast._C")
 except ImportError as e:  # built without a compiler: the pure-Python path takes over
     _C, _import_error = None, e
 
@@ -85,7 +85,7 @@ def anyres_tiles(pixels: Pixels, model: ModelConfig, proc: ProcessingConfig) -> 
     tiles = np.empty((1 + grid_h * grid_w, t, t, 3), dtype=np.uint8)
     _C.anyres_tiles(rgb, tiles, grid_w, new_h, new_w, top, left,
                     horizontal_first(h, w, t, t), horizontal_first(h, w, new_h, new_w))
-    return VisualItem("image", tiles, layout["num_tokens"], (h, w))
+    return VisualItem("image", tiles, layout["num_tokens"], (h, w), layout=layout)
 
 
 def padded_square_tile(pixels: Pixels, model: ModelConfig, proc: ProcessingConfig) -> VisualItem:

@@ -13,9 +13,9 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ..checkpoint.config import ModelConfig
+from ..errors import ConfigError
 from . import anyres
-from .config import ModelConfig
-from .errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -67,8 +67,9 @@ class VisualItem:
     kind: str  # "image" (alone in its prompt: anyres), "image_multi" (one of several: padded square), "video"
     tiles: np.ndarray | None  # (n, tile, tile, 3) uint8; None when the device tiles ``rgb``
     num_tokens: int
-    image_size: tuple[int, int] | None = None  # (h, w) of an anyres image, for feature packing
+    image_size: tuple[int, int] | None = None  # (h, w) of an anyres image
     rgb: list[np.ndarray] | None = None  # device tiling: the (H, W, 3) uint8 image, or a video's frames
+    layout: dict | None = None  # an anyres image's ``anyres.anyres_layout``: the model packs its features by it
 
 
 def resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:
@@ -98,7 +99,7 @@ def anyres_tiles(rgb: np.ndarray, model: ModelConfig, proc: ProcessingConfig) ->
     canvas = np.zeros((canvas_h, canvas_w, 3), dtype=np.uint8)
     canvas[top : top + new_h, left : left + new_w] = resize(rgb, new_h, new_w, proc.resample)
     tiles[1:] = canvas.reshape(grid_h, t, grid_w, t, 3).transpose(0, 2, 1, 3, 4).reshape(-1, t, t, 3)
-    return VisualItem("image", tiles, layout["num_tokens"], (h, w))
+    return VisualItem("image", tiles, layout["num_tokens"], (h, w), layout=layout)
 
 
 def square_offsets(h: int, w: int) -> tuple[int, int, int]:

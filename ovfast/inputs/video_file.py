@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import av
 import numpy as np
 
-from .errors import ImageTooLargeError, UnsupportedInputError, VideoReadError
+from ..errors import ImageTooLargeError, UnsupportedInputError, VideoReadError
 
 DEFAULT_NUM_FRAMES = 32  # lmms-eval's max_frames_num for LLaVA-OneVision
 MAX_PACKETS = 10_000_000  # about 46 hours at 60 fps: the index pass stops there

@@ -8,11 +8,13 @@ Packing turns each item's projected tiles into the token rows its placeholders r
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
-from .. import anyres, ops
-from ..config import ModelConfig
+from .. import ops
+from ..checkpoint.config import ModelConfig
 from .qwen2 import Qwen2ForCausalLM
 from .siglip import SiglipVisionTower
 
@@ -46,10 +48,13 @@ class LlavaOnevision(nn.Module):
                           self.cfg.projector_gelu, out=out[i : i + chunk])
         return out
 
-    def pack_anyres(self, feats: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
-        """feats (1 + gh*gw, P, D) of one single image -> (num_tokens, D)."""
-        cfg, g = self.cfg, self.cfg.vision.grid
-        layout = anyres.anyres_layout(*image_size, cfg.grid_pinpoints, cfg.vision.image_size, g, cfg.max_num_patches)
+    def pack_anyres(self, feats: torch.Tensor, layout: dict) -> torch.Tensor:
+        """feats (1 + gh*gw, P, D) of one single image -> (num_tokens, D).
+
+        ``layout`` is the image's ``inputs.anyres.anyres_layout``: the geometry that counted its
+        placeholders and cut its tiles also crops and downscales its features.
+        """
+        g = self.cfg.vision.grid
         gh, gw = layout["grid"]
         d = feats.shape[-1]
         fmap = feats[1:].view(gh, gw, g, g, d).permute(0, 2, 1, 3, 4).reshape(gh * g, gw * g, d)  # (rows, cols, D)
@@ -70,5 +75,55 @@ class LlavaOnevision(nn.Module):
         """feats (F, P, D) of a video's frames -> (F * 196 + 1, D)."""
         g = self.cfg.vision.grid
         f, _, d = feats.shape
-        pooled = ops.bilinear_resize(feats.view(f, g, g, d), anyres.pooled_grid(g), anyres.pooled_grid(g))
+        side = math.ceil(g / 2)  # 27 -> 14, as inputs.anyres.pooled_grid counts it
+        pooled = ops.bilinear_resize(feats.view(f, g, g, d), side, side)
         return torch.cat((pooled.reshape(-1, d), self.image_newline.to(feats.dtype)[None]))
+
+    def weight_destinations(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
+        """Canonical tensor name (``checkpoint.weight_names``) -> (parameter, row slice of it or None)."""
+        cfg = self.cfg
+        dest: dict[str, tuple[torch.Tensor, slice | None]] = {}
+        tower = self.vision_tower
+        e = cfg.vision.hidden_size
+        dest["vision.embeddings.patch_embedding.weight"] = (tower.patch_weight, None)
+        dest["vision.embeddings.patch_embedding.bias"] = (tower.patch_bias, None)
+        dest["vision.embeddings.position_embedding.weight"] = (tower.position_embedding, None)
+        for i, layer in enumerate(tower.layers):
+            pre = f"vision.encoder.layers.{i}."
+            for j, proj in enumerate(("q_proj", "k_proj", "v_proj")):
+                rows = slice(j * e, (j + 1) * e)
+                dest[pre + f"self_attn.{proj}.weight"] = (layer.qkv_weight, rows)
+                dest[pre + f"self_attn.{proj}.bias"] = (layer.qkv_bias, rows)
+            for name, param in (
+                ("layer_norm1.weight", layer.layer_norm1_weight), ("layer_norm1.bias", layer.layer_norm1_bias),
+                ("layer_norm2.weight", layer.layer_norm2_weight), ("layer_norm2.bias", layer.layer_norm2_bias),
+                ("self_attn.out_proj.weight", layer.out_weight), ("self_attn.out_proj.bias", layer.out_bias),
+                ("mlp.fc1.weight", layer.fc1_weight), ("mlp.fc1.bias", layer.fc1_bias),
+                ("mlp.fc2.weight", layer.fc2_weight), ("mlp.fc2.bias", layer.fc2_bias),
+            ):
+                dest[pre + name] = (param, None)
+        dest["projector.linear_1.weight"] = (self.projector_w1, None)
+        dest["projector.linear_2.weight"] = (self.projector_w2, None)
+        if cfg.projector_bias:
+            dest["projector.linear_1.bias"] = (self.projector_b1, None)
+            dest["projector.linear_2.bias"] = (self.projector_b2, None)
+        dest["image_newline"] = (self.image_newline, None)
+
+        lm, t = self.language_model, cfg.text
+        q, kv, inter = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
+        dest["lm.embed_tokens.weight"] = (lm.embed_tokens, None)
+        dest["lm.norm.weight"] = (lm.norm, None)
+        if not t.tie_word_embeddings:
+            dest["lm_head.weight"] = (lm.lm_head, None)
+        for i, layer in enumerate(lm.layers):
+            pre = f"lm.layers.{i}."
+            for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
+                dest[pre + f"self_attn.{proj}.weight"] = (layer.qkv_weight, rows)
+                dest[pre + f"self_attn.{proj}.bias"] = (layer.qkv_bias, rows)
+            dest[pre + "self_attn.o_proj.weight"] = (layer.o_weight, None)
+            dest[pre + "mlp.gate_proj.weight"] = (layer.gate_up_weight, slice(0, inter))
+            dest[pre + "mlp.up_proj.weight"] = (layer.gate_up_weight, slice(inter, 2 * inter))
+            dest[pre + "mlp.down_proj.weight"] = (layer.down_weight, None)
+            dest[pre + "input_layernorm.weight"] = (layer.input_layernorm, None)
+            dest[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm, None)
+        return dest

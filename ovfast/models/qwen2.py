@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..config import TextConfig
+from ..checkpoint.config import TextConfig
 
 
 @dataclass

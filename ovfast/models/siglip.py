@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..config import VisionConfig
+from ..checkpoint.config import VisionConfig
 
 
 class SiglipEncoderLayer(nn.Module):

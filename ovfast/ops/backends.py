@@ -24,6 +24,7 @@ from contextlib import contextmanager
 
 import torch
 
+
 class Switch:
     """A mode read from an environment variable at import, changeable at run time (and per block)."""
 
@@ -104,11 +105,3 @@ def dispatch(fn: Callable) -> Callable:
 
     op.reference = fn
     return op
-
-
-def report(device: torch.device | str) -> dict[str, str]:
-    """Which implementation each op uses on ``device``: "triton" or "torch"."""
-    from . import ops
-
-    device = torch.device(device)
-    return {name: ("triton" if kernel_for(name, device) else "torch") for name in ops.DISPATCHED}

@@ -3,7 +3,7 @@
 Model code calls only these for the hot steps. The bodies here are the reference semantics (and
 what runs on the CPU): they follow transformers' operation order and dtype casts, so the models
 built on them match ``LlavaOnevisionForConditionalGeneration``. Each op is ``@dispatch``ed: with
-kernels enabled (see ``ovfast.backends``) the same-named function of ``ovfast.kernels`` runs
+kernels enabled (see ``ovfast.ops.backends``) the same-named function of ``ovfast.kernels`` runs
 instead, and ``op.reference`` is the torch body the kernel tests compare against. Tensor layouts
 are the ones the Triton and flash-attn backends use (packed [tokens, heads, head_dim]
 activations, a [slots, max_len, kv_heads, head_dim] KV cache).

@@ -20,10 +20,10 @@ import time
 
 import torch
 
-from .backends import kernel_for
+from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
+from ..ops import sample
+from ..ops.backends import kernel_for
 from .kv_cache import KVCache
-from .models.qwen2 import ForwardBatch, Qwen2ForCausalLM
-from .ops import sample
 
 
 def buckets(max_batch: int) -> list[int]:

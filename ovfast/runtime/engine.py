@@ -18,23 +18,23 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .checkpoint import Checkpoint, open_checkpoint
-from .config import ModelConfig
-from .backends import report, use_triton
+from ..checkpoint.config import ModelConfig
+from ..checkpoint.files import Checkpoint, open_checkpoint
+from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
+from ..checkpoint.weights import load_weights, mapping_tensors, safetensors_tensors
+from ..errors import ConfigError, OvfastError, UnsupportedInputError
+from ..inputs.device_tiles import device_tiles, pixel_affine
+from ..inputs.media import Video
+from ..inputs.preprocess import pixel_values
+from ..inputs.processing import PixelNormalizer, ProcessingConfig
+from ..models.llava_onevision import LlavaOnevision
+from ..models.qwen2 import ForwardBatch
+from ..ops import report, sample
+from ..ops.backends import use_triton
 from .decode import DecodeRunner
-from .device_tiles import device_tiles, pixel_affine
-from .errors import ConfigError, OvfastError, UnsupportedInputError
 from .generation import Completion, Sequence, TextAssembler, Timings
 from .kv_cache import KVCache, round_up
-from .media import Video
-from .models.llava_onevision import LlavaOnevision
-from .models.qwen2 import ForwardBatch
-from .ops import sample
-from .pixels import pixel_values
-from .processing import PixelNormalizer, ProcessingConfig
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
-from .tokenizer import ChatTemplate, Tokenizer
-from .weights import load_weights, mapping_tensors, safetensors_tensors
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -388,7 +388,7 @@ class Engine:
         feats = feats.split([len(t) for t in per_item])
         packers = {"video": model.pack_video, "image_multi": model.pack_multi}
         return [
-            model.pack_anyres(f, item.image_size) if item.kind == "image" else packers[item.kind](f)
+            model.pack_anyres(f, item.layout) if item.kind == "image" else packers[item.kind](f)
             for item, f in zip(items, feats)
         ]
 

@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..checkpoint.tokenizer import IncrementalDecoder, Tokenizer
 from .request import PreparedRequest
-from .tokenizer import IncrementalDecoder, Tokenizer
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import TextConfig
+from ..checkpoint.config import TextConfig
 
 
 def round_up(n: int, multiple: int) -> int:

@@ -11,17 +11,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jinja2
-import PIL.Image
 
-from . import anyres
-from .config import ModelConfig
-from .errors import (
-    ContextLengthError, GenerationParamsError, PlaceholderError, TooManyImagesError, UnsupportedInputError,
+from ..checkpoint.config import ModelConfig
+from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
+from ..errors import (
+    ContextLengthError,
+    GenerationParamsError,
+    PlaceholderError,
+    TooManyImagesError,
+    UnsupportedInputError,
 )
-from .media import Video, as_items
-from .pixels import decode_item, tile_item, untiled_item
-from .processing import ProcessingConfig, VisualItem
-from .tokenizer import ChatTemplate, Tokenizer
+from ..inputs.items import open_item
+from ..inputs.media import Video, as_items
+from ..inputs.processing import ProcessingConfig, VisualItem
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 
@@ -85,7 +87,7 @@ class RequestBuilder:
     def prepare(self, images, prompt: str, chat: bool, params: SamplingParams,
                 device_tiling: bool = False) -> PreparedRequest:
         """Validate, decode, count and tile; with ``device_tiling`` the items keep their RGB pixels
-        for the GPU kernels to tile (``ovfast.device_tiles``) instead of being tiled here."""
+        for the GPU kernels to tile (``ovfast.inputs.device_tiles``) instead of being tiled here."""
         t0 = time.perf_counter()
         if not isinstance(prompt, str):
             raise UnsupportedInputError(f"prompt must be a string, not {type(prompt).__name__}")
@@ -100,19 +102,15 @@ class RequestBuilder:
                 f"{n_frames} video frames in one request; this engine allows at most {self.limits.max_video_frames}"
             )
         ids = self._prompt_ids(prompt, chat, n_images, len(videos))
-        decoded = [decode_item(x) for x in items]
-        counts = [self._num_tokens(x, n_images) for x in decoded]
+        opened = [open_item(x, n_images, self.model, self.proc) for x in items]
         # Reject over-long requests before the costly resizing.
-        prompt_tokens = len(ids) - n_images - len(videos) + sum(counts)
+        prompt_tokens = len(ids) - n_images - len(videos) + sum(o.num_tokens for o in opened)
         if prompt_tokens + params.max_new_tokens > self.limits.max_seq_len:
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (media included) and max_new_tokens is {params.max_new_tokens}: "
                 f"{prompt_tokens + params.max_new_tokens} > this engine's context of {self.limits.max_seq_len}"
             )
-        if device_tiling and self.proc.resample == PIL.Image.Resampling.BICUBIC:  # the kernels' only filter
-            visual = [untiled_item(x, n_images, self.model) for x in decoded]
-        else:
-            visual = [tile_item(x, n_images, self.model, self.proc) for x in decoded]
+        visual = [o.tile(on_device=device_tiling) for o in opened]
         ids = self._expand(ids, visual)
         return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
 
@@ -143,15 +141,6 @@ class RequestBuilder:
                 f"{n_images} images and {n_videos} videos were passed; with chat=False put one placeholder per item"
             )
         return ids
-
-    def _num_tokens(self, item, n_images: int) -> int:
-        g = self.model.vision.grid
-        if isinstance(item, Video):
-            return anyres.video_num_tokens(item.num_frames, g)
-        if n_images > 1:
-            return anyres.multi_image_num_tokens(g)
-        h, w = item.shape[:2]
-        return anyres.anyres_num_tokens(h, w, self.model.grid_pinpoints, self.proc.tile, g, self.model.max_num_patches)
 
     def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
         """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""

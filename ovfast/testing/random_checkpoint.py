@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from ..checkpoint.weight_names import LAYOUTS, disk_name
 from .random_tokenizer import SPECIAL_TOKENS, build_tokenizer
-from .weight_names import LAYOUTS, disk_name
 
 # The chat template the llava-hf conversion script installs as the processor's template.
 LLAVA_OV_CHAT_TEMPLATE = (

@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..inputs.media import Video
+from ..runtime.engine import Engine, load
+from ..testing.random_checkpoint import PRESETS, build_checkpoint, random_state, tensor_specs
 from .demo import cache_dir, synthetic_image
-from .engine import Engine, load
-from .media import Video
-from .random_checkpoint import PRESETS, build_checkpoint, random_state, tensor_specs
 
 REQUESTS = {
     "image": lambda: ([synthetic_image(480, 640, 1)], []),  # one 640x480 photo: 5 tiles, 2929 tokens
@@ -159,7 +159,7 @@ def time_ovfast(engine: Engine, items: list, prompt: str, new_tokens: int, repea
 
 def time_transformers(hf, ckpt: str, images: list, videos: list, prompt: str, new_tokens: int, repeat: int,
                       device: torch.device, dtype: torch.dtype) -> dict:
-    from . import hf_reference
+    from ..testing import hf_reference
 
     def to_device(x):
         x = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in x.items()}

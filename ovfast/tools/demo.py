@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .api import DEFAULT_MODEL
-from .engine import Engine, load
-from .media import Video
-from .random_checkpoint import build_checkpoint
+from ..api import DEFAULT_MODEL
+from ..inputs.media import Video
+from ..runtime.engine import Engine, load
+from ..testing.random_checkpoint import build_checkpoint
 
 
 def cache_dir() -> Path:

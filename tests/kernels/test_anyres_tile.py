@@ -9,13 +9,13 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from ovfast.kernels import anyres_tile, pad_square_tile, squash_tiles
 from vision_checks import DEVICE, assert_exact
 
-from ovfast import anyres, processing
-from ovfast.config import ModelConfig
-from ovfast.kernels import anyres_tile, pad_square_tile, squash_tiles
-from ovfast.random_checkpoint import build_config
-from ovfast.resample import horizontal_first
+from ovfast.checkpoint.config import ModelConfig
+from ovfast.inputs import anyres, processing
+from ovfast.inputs.resample import horizontal_first
+from ovfast.testing.random_checkpoint import build_config
 
 MODEL = ModelConfig.from_dict(build_config("tiny"))  # 384 px tiles, the 36 OneVision pinpoints
 PROC = processing.ProcessingConfig()

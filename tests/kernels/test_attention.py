@@ -18,9 +18,10 @@ import types
 
 import pytest
 import torch
-
-from ovfast import backends, ops
 from decoder_checks import DEVICE, DTYPE_IDS, DTYPES, assert_attention_close, assert_close
+
+from ovfast import ops
+from ovfast.ops import backends
 
 kernels = importlib.import_module("ovfast.kernels")
 routing = importlib.import_module("ovfast.kernels.attention")

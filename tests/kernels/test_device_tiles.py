@@ -1,4 +1,4 @@
-"""ovfast.device_tiles (the engine's device-side preprocessing) against the CPU path of ovfast.preprocess."""
+"""ovfast.inputs.device_tiles (the engine's device-side preprocessing) against the CPU path of ovfast.preprocess."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,11 +6,11 @@ import pytest
 import torch
 from vision_checks import DEVICE, assert_exact
 
-from ovfast import processing
-from ovfast.config import ModelConfig
-from ovfast.device_tiles import device_tiles, pixel_affine
+from ovfast.checkpoint.config import ModelConfig
 from ovfast.errors import ConfigError
-from ovfast.random_checkpoint import build_config
+from ovfast.inputs import processing
+from ovfast.inputs.device_tiles import device_tiles, pixel_affine
+from ovfast.testing.random_checkpoint import build_config
 
 OV = (ModelConfig.from_dict(build_config("tiny")), processing.ProcessingConfig())
 # A 70 px tile with 14 px patches (5x5 grid) and pinpoints of 70 px multiples: nothing assumes 384.

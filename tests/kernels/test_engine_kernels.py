@@ -10,13 +10,13 @@ from __future__ import annotations
 import collections
 import functools
 
+import ovfast.kernels
 import pytest
+import reference as ref
 import torch
 
 import ovfast
-import ovfast.kernels
-import reference as ref
-from ovfast import backends
+from ovfast.ops import backends
 
 N = 6  # new tokens: several decode steps over the static cache
 DECODER_OPS = ("rms_norm", "rope", "silu_mul", "attention_prefill", "attention_decode")

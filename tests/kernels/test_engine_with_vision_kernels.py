@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import functools
 
+import ovfast.kernels
 import pytest
+import reference as ref
 import torch
 
 import ovfast
-import ovfast.kernels
-import reference as ref
-from ovfast.backends import kernel_mode
+from ovfast.ops.backends import kernel_mode
 
 N = 12
 VISION_KERNELS = ("patch_embed", "projector", "bilinear_resize")

@@ -10,10 +10,11 @@ import importlib
 
 import pytest
 import torch
+from decoder_checks import DEVICE, DTYPE_IDS, DTYPES, assert_close, assert_within_ulp
 
 import ovfast
-from ovfast import backends, ops
-from decoder_checks import DEVICE, DTYPE_IDS, DTYPES, assert_close, assert_within_ulp
+from ovfast import ops
+from ovfast.ops import backends
 
 kernel = importlib.import_module("ovfast.kernels.rms_norm")
 

@@ -9,9 +9,10 @@ import importlib
 
 import pytest
 import torch
-
-from ovfast import backends, ops
 from decoder_checks import DEVICE, DTYPE_IDS, DTYPES, assert_close, assert_within_ulp
+
+from ovfast import ops
+from ovfast.ops import backends
 
 kernel = importlib.import_module("ovfast.kernels.silu_mul")
 
