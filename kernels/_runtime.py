@@ -105,6 +105,13 @@ def online_softmax_step(acc, m_i, l_i, s, v, DOT_FP32: tl.constexpr, DOT_PRECISI
     return acc, m_new, l_i
 
 
+def m_bucket(m: int) -> int:
+    """The autotuning key of a GEMM's row count: the next power of two (at least 64). One image's
+    729 rows and a 16-tile batch's 11664 want different tiles; tuning once per bucket keeps the
+    number of tunings small and lets the engine warm every bucket up at load."""
+    return max(64, 1 << max(0, m - 1).bit_length())
+
+
 def tunable(kernel, configs: list[triton.Config], key: list[str]):
     """The kernel to launch: autotuned over ``configs`` when compiled, the plain kernel under the
     interpreter, where autotuning would only multiply the runtime (launchers pass a fixed

@@ -34,7 +34,7 @@ from ._runtime import FLOAT_DTYPES, check_tensor, dot_acc, grouped_pid, max_offs
 @triton.jit
 def _patch_embed_kernel(
     px_ptr, w_ptr, b_ptr, pos_ptr, scale_ptr, shift_ptr, out_ptr,
-    M, D, K, P, GRID_W,
+    M, D, K, P, GRID_W, M_BUCKET,  # M_BUCKET: the autotuning key only (_runtime.m_bucket)
     stride_px_n, stride_px_c, stride_px_h, stride_px_w,
     stride_w_d, stride_w_k,
     stride_pos_p, stride_pos_d,
@@ -88,7 +88,7 @@ def _patch_embed_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-_launch = _runtime.tunable(_patch_embed_kernel, _runtime.GEMM_CONFIGS, key=["D", "K"])
+_launch = _runtime.tunable(_patch_embed_kernel, _runtime.GEMM_CONFIGS, key=["M_BUCKET", "D", "K"])
 
 
 def patch_embed(
@@ -134,7 +134,7 @@ def patch_embed(
 
     _launch[grid](
         pixels, w2, bias, pos_embed, scale32, shift32, out,
-        m, d, k, num_patches, w // p,
+        m, d, k, num_patches, w // p, _runtime.m_bucket(m),
         *pixels.stride(),
         *w2.stride(),
         *pos_embed.stride(),

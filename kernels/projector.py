@@ -44,7 +44,7 @@ def _gelu(x, APPROX_TANH: tl.constexpr):
 @triton.jit
 def _linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr,
-    M, N, K,
+    M, N, K, M_BUCKET,  # M_BUCKET: the autotuning key only (_runtime.m_bucket)
     stride_x_m, stride_x_k,
     stride_w_n, stride_w_k,
     stride_out_m, stride_out_n,
@@ -80,7 +80,7 @@ def _linear_kernel(
              mask=m_ok[:, None] & n_ok[None, :])
 
 
-_launch = _runtime.tunable(_linear_kernel, _runtime.GEMM_CONFIGS, key=["N", "K"])
+_launch = _runtime.tunable(_linear_kernel, _runtime.GEMM_CONFIGS, key=["M_BUCKET", "N", "K"])
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch.Tensor, act: str | None) -> None:
@@ -93,7 +93,7 @@ def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torch
         return (triton.cdiv(m, meta_["BLOCK_M"]) * triton.cdiv(n, meta_["BLOCK_N"]),)
 
     _launch[grid](
-        x, w, b, out, m, n, k, *x.stride(), *w.stride(), *out.stride(),
+        x, w, b, out, m, n, k, _runtime.m_bucket(m), *x.stride(), *w.stride(), *out.stride(),
         HAS_BIAS=b is not None, ACT=_ACTIVATIONS[act], IEEE=x.dtype == torch.float32,
         BF16_FIX=_runtime.BF16_FIX, **meta,
     )

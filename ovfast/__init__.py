@@ -9,10 +9,13 @@ from .errors import (
     ConfigError,
     ContextLengthError,
     EmptyVideoError,
+    EngineBusyError,
+    EngineOverloadedError,
     GenerationParamsError,
     ImageReadError,
     ImageTooLargeError,
     InputError,
+    MediaAccessError,
     ModelLoadError,
     OvfastError,
     PlaceholderError,
@@ -22,16 +25,16 @@ from .errors import (
 )
 from .inputs.media import Video, set_max_image_pixels
 from .inputs.preprocess import preprocess
-from .runtime.engine import Engine, EngineBusyError, EngineConfig, load
-from .runtime.generation import Completion, Timings
+from .runtime.engine import Engine, EngineConfig, RequestHandle, load
+from .runtime.generation import Completion, Timings, TokenLogprob
 from .testing.random_checkpoint import build_checkpoint
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyVideoError", "Engine",
-    "EngineBusyError", "EngineConfig", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError",
-    "ModelLoadError", "OvfastError", "PlaceholderError", "Timings", "TooManyImagesError",
+    "EngineBusyError", "EngineConfig", "EngineOverloadedError", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError", "MediaAccessError",
+    "ModelLoadError", "OvfastError", "PlaceholderError", "RequestHandle", "Timings", "TokenLogprob", "TooManyImagesError",
     "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",
     "preprocess", "set_max_image_pixels",
 ]

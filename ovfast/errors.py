@@ -55,3 +55,15 @@ class ContextLengthError(InputError):
 
 class GenerationParamsError(InputError):
     """A sampling or stopping parameter is out of range."""
+
+
+class EngineBusyError(OvfastError):
+    """The engine cannot take the request now: it is closed, or (``EngineOverloadedError``) full."""
+
+
+class EngineOverloadedError(EngineBusyError):
+    """More requests are waiting than the engine's ``max_queue``; retry later (HTTP 429)."""
+
+
+class MediaAccessError(InputError):
+    """A media URL the server may not or could not fetch (domain not allowed, too big, too slow)."""

@@ -30,3 +30,20 @@ def test_roofline_pieces(tiny):
     layer_bytes = sum(p.numel() * 4 for p in lm.layers.parameters())
     assert decode_bytes_per_token(engine) == layer_bytes + lm.norm.numel() * 4 + lm.lm_head.numel() * 4
     assert copy_bandwidth(torch.device("cpu"), nbytes=1 << 22) > 0
+
+
+def test_serving_bench_tiny_writes_results(tmp_path, monkeypatch, capsys):
+    """Concurrent clients and the one-at-a-time baseline on the same engine: every request is
+    answered under load exactly as alone (greedy), and both sides are reported."""
+    monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "--model", "tiny", "--concurrency", "3", "--requests", "6", "--new-tokens", "4",
+                 "--mix", "text:1,image:1,video:1", "--video-frames", "3", "--rate", "50",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    (result,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*serving-c3.json")]
+    assert result["identical_to_sequential"] == 6 and sum(result["kinds"].values()) == 6
+    for side in ("concurrent", "sequential"):
+        r = result[side]
+        assert r["requests"] == 6 and r["output_tokens"] == 6 * 4
+        assert r["requests_per_s"] > 0 and r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] > 0
+    assert result["max_batch_size"] == 3 and result["engine_stats"]["running"] == 0
+    assert "| output tokens/s |" in capsys.readouterr().out

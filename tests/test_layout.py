@@ -23,6 +23,7 @@ STAGES = {
     "runtime": 4, "testing": 4,  # siblings too: the engine never imports the test support
     "api": 5,
     "tools": 6,  # bench and demo use the public API
+    "server": 6,  # `ovfast serve`: the HTTP layer over the runtime
     "cli": 7, "__init__": 7, "__main__": 7,
 }
 SIBLINGS_APART = [("models", "inputs"), ("runtime", "testing")]

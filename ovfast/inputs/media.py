@@ -66,7 +66,7 @@ class Video:
     * ``Video(frames)``: a sequence of images (anything ``ovfast`` accepts as an image) or a uint8
       array / tensor of shape (T, H, W, 3); frames are converted when a request is prepared, so a
       bad frame raises there with its index.
-    * ``Video(path_or_bytes, num_frames=32)``: ``num_frames`` frames at ``linspace(0, N - 1, k)``
+    * ``Video(path_or_bytes_or_data_uri, num_frames=32)``: ``num_frames`` frames at ``linspace(0, N - 1, k)``
       (as integers: the original LLaVA-OneVision sampling; all N frames when N <= k), or one
       frame every ``1 / fps`` seconds with ``fps=``, or the frames ``indices=[...]``. The file is
       opened and indexed here (bad files raise ``VideoReadError`` at once, and ``num_frames`` is
@@ -80,6 +80,8 @@ class Video:
     def __init__(self, frames: Sequence[ImageLike] | np.ndarray | torch.Tensor | str | os.PathLike | bytes,
                  num_frames: int | None = None, *, fps: float | None = None, indices: Sequence[int] | None = None):
         self._file: VideoFile | None = None
+        if isinstance(frames, str) and frames.startswith("data:"):
+            frames = data_uri_bytes(frames, VideoReadError)
         if isinstance(frames, (str, os.PathLike, bytes, bytearray, memoryview)):
             self._file = VideoFile(frames, max_image_pixels() or float("inf"))
             self._indices = self._file.sample(num_frames, fps, indices)
@@ -198,12 +200,20 @@ def composite(pixels: Pixels) -> np.ndarray:
     return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
 
 
+def data_uri_bytes(uri: str, error: type[Exception] = ImageReadError) -> bytes:
+    """The payload of a base64 ``data:`` URI (``data:image/png;base64,...``)."""
+    head, sep, payload = uri.partition(",")
+    if not sep or not head.endswith(";base64"):
+        raise error("a data: URI must be base64: data:<type>;base64,<payload>")
+    try:
+        return base64.b64decode(payload, validate=True)
+    except ValueError as e:
+        raise error("the data: URI does not hold valid base64") from e
+
+
 def _open_encoded(source: str | os.PathLike | bytes) -> Pixels:
     if isinstance(source, str) and source.startswith("data:"):
-        try:
-            source = base64.b64decode(source.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError) as e:
-            raise ImageReadError("the data: URI does not hold base64 image data") from e
+        source = data_uri_bytes(source)
     elif isinstance(source, str) and source.startswith(("http://", "https://")):
         raise UnsupportedInputError(f"image URLs are not fetched ({source}); download the image and pass the file or bytes")
     what = "the image bytes" if isinstance(source, bytes) else f"image file {os.fspath(source)!r}"

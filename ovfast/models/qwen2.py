@@ -30,19 +30,24 @@ class ForwardBatch:
     cu_seqlens: torch.Tensor | None = None  # prefill: (B+1,) int32 sequence bounds
     max_seqlen: int = 0
     seq_lens: torch.Tensor | None = None  # decode: (B,) int32 valid positions per slot, this token included
+    context: int = 0  # chunked prefill of one sequence: its positions already cached before these rows
+    slot: int = 0  # ... and its slot
 
     @property
     def is_prefill(self) -> bool:
         return self.cu_seqlens is not None
 
     @classmethod
-    def prefill(cls, slot: int, length: int, device) -> "ForwardBatch":
-        positions = torch.arange(length, device=device)
+    def prefill(cls, slot: int, length: int, device, start: int = 0) -> "ForwardBatch":
+        """Prompt positions start..start+length-1 of the sequence in ``slot`` (start > 0: a later chunk)."""
+        positions = torch.arange(start, start + length, device=device)
         return cls(
             positions=positions,
             slots=torch.full((length,), slot, dtype=torch.int64, device=device),
             cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device=device),
             max_seqlen=length,
+            context=start,
+            slot=slot,
         )
 
     @classmethod
@@ -88,7 +93,9 @@ class Qwen2DecoderLayer(nn.Module):
         k_cache[batch.slots, batch.positions] = k
         v_cache[batch.slots, batch.positions] = v
         scale = cfg.head_dim**-0.5
-        if batch.is_prefill:
+        if batch.is_prefill and batch.context:
+            attn = ops.attention_chunk(q, k_cache[batch.slot], v_cache[batch.slot], batch.context, scale=scale)
+        elif batch.is_prefill:
             attn = ops.attention_prefill(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale)
         else:
             attn = ops.attention_decode(q, k_cache, v_cache, batch.seq_lens, scale=scale)

@@ -11,6 +11,7 @@ import torch
 from .backends import kernel_for
 from .torch_ops import (
     DISPATCHED,
+    attention_chunk,
     attention_decode,
     attention_prefill,
     bilinear_resize,
@@ -31,6 +32,6 @@ def report(device: torch.device | str) -> dict[str, str]:
 
 
 __all__ = [
-    "DISPATCHED", "attention_decode", "attention_prefill", "bilinear_resize", "patch_embed", "projector", "report",
+    "DISPATCHED", "attention_chunk", "attention_decode", "attention_prefill", "bilinear_resize", "patch_embed", "projector", "report",
     "rms_norm", "rope", "rope_cos_sin_cache", "sample", "silu_mul",
 ]

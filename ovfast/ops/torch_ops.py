@@ -17,7 +17,7 @@ from .backends import dispatch
 
 DISPATCHED = (
     "patch_embed", "bilinear_resize", "projector", "rms_norm", "rope", "silu_mul", "attention_prefill",
-    "attention_decode",
+    "attention_chunk", "attention_decode",
 )
 
 
@@ -161,6 +161,25 @@ def attention_prefill(
 
 
 @dispatch
+def attention_chunk(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, scale: float | None = None
+) -> torch.Tensor:
+    """A prompt chunk of one sequence against everything cached before it and itself (chunked prefill).
+
+    q (T, Hq, d) holds positions start..start+T-1; k_cache and v_cache (S_max, Hkv, d) are the
+    sequence's slot with the chunk's k/v already written. Causal: row i sees positions <= start + i.
+    """
+    t, hq, d = q.shape
+    total = start + t
+    groups = hq // k_cache.shape[1]
+    k = _expand_kv(k_cache[:total].transpose(0, 1), groups, 0)  # (Hq, total, d)
+    v = _expand_kv(v_cache[:total].transpose(0, 1), groups, 0)
+    mask = torch.arange(total, device=q.device)[None, :] <= start + torch.arange(t, device=q.device)[:, None]
+    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale)
+    return out[0].transpose(0, 1)
+
+
+@dispatch
 def attention_decode(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
 ) -> torch.Tensor:
@@ -171,7 +190,7 @@ def attention_decode(
     """
     bsz, hq, d = q.shape
     hkv = k_cache.shape[2]
-    s = int(seq_lens.max())
+    s = max(int(seq_lens.max()), 1)  # inactive rows have length 0
     k = k_cache[:bsz, :s].transpose(1, 2)  # (B, Hkv, S, d)
     v = v_cache[:bsz, :s].transpose(1, 2)
     # Each kv head answers its whole query group at once: the group becomes the query axis.

@@ -1,17 +1,22 @@
 """The decode step over static buffers, captured as CUDA graphs per batch bucket.
 
 One step takes, for rows 0..b-1 (row r = KV-cache slot r), the input token and its position,
-runs the decoder (embedding lookup through sampling) and writes the next token. Every tensor it
-reads or writes lives at a fixed address: the input tokens, positions, sequence lengths,
-sampling parameters and noise, the output tokens and the KV cache. The step also feeds its output
-back: an active row's next input is the token it just sampled, one position further. So the host
-only writes a row when a sequence enters its slot (``admit``) or leaves it (``retire``), and steps
-can be queued back to back while the host reads the tokens of the previous one.
+runs the decoder (embedding lookup through token choice) and writes the next token. Every tensor
+it reads or writes lives at a fixed address: input tokens, positions, lengths, sampling and
+penalty parameters, token counts, the output tokens and log-probabilities, and the KV cache. The
+step also feeds its output back: an active row's next input is the token it just chose, one
+position further. So the host only writes a row when a sequence enters its slot (``admit``) or
+leaves it (``retire``), and steps can be queued back to back while the host reads the previous.
 
-On CUDA, with the Triton attention kernel available (the torch attention reads ``seq_lens`` on the
-host), each bucket (1, 2, 4, ... up to the slot count) is captured once, on first use or by
-``capture_all``, in a greedy and a sampling variant; steps replay the graph. Elsewhere, and with
-``OVFAST_CUDA_GRAPHS=0``, the same step runs eagerly.
+Rows that are not active (retired, never admitted, or padding of a bucket) have length 0 and sit
+on the scratch position ``max_seq_len``: their attention reads nothing and their K/V go to a
+position no sequence owns, so they can never index past the cache or the RoPE table.
+
+Two variants per bucket: plain greedy (argmax) and general (penalties, temperature, top-k/p,
+min-p, keyed draws and log-probabilities; see ``sampling``). On CUDA, when the decode attention
+is a kernel (flash-attn or Triton: the torch reference reads lengths on the host), every bucket
+(1, 2, 4, ... up to the slot count) is captured in both variants by ``capture_all``, which the
+engine calls at load; elsewhere, and with ``OVFAST_CUDA_GRAPHS=0``, the same step runs eagerly.
 """
 from __future__ import annotations
 
@@ -21,9 +26,10 @@ import time
 import torch
 
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
-from ..ops import sample
 from ..ops.backends import kernel_for
+from . import sampling
 from .kv_cache import KVCache
+from .request import SamplingParams
 
 
 def buckets(max_batch: int) -> list[int]:
@@ -35,49 +41,99 @@ def buckets(max_batch: int) -> list[int]:
     return out + [max_batch]
 
 
+def _decode_attention_is_a_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    if kernel_for("attention_decode", device) is None:
+        return False
+    from ..kernels import attention_backend  # Triton is imported only where kernels run
+
+    return attention_backend(device, dtype, head_dim) != "torch"
+
+
 class DecodeRunner:
-    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device):
+    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, scratch: int):
         self.lm, self.cache, self.device = lm, cache, device
-        n = cache.slots
+        if not 0 <= scratch < cache.max_len:
+            raise ValueError(f"scratch position {scratch} is outside the cache's {cache.max_len} positions")
+        self.scratch = scratch
+        n, vocab = cache.slots, lm.cfg.vocab_size
         self.buckets = buckets(n)
         long = dict(dtype=torch.long, device=device)
+        f32 = dict(dtype=torch.float32, device=device)
         self.tokens = torch.zeros(n, **long)  # input token of each row
-        self.positions = torch.zeros(n, **long)  # its position in the sequence
+        self.positions = torch.full((n,), scratch, **long)  # its position in the sequence
         self.active = torch.zeros(n, dtype=torch.bool, device=device)  # rows that advance
         self.slots = torch.arange(n, **long)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=device)
-        self.temperature = torch.zeros(n, dtype=torch.float32, device=device)
-        self.top_p = torch.ones(n, dtype=torch.float32, device=device)
+        self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
+        self.temperature = torch.zeros(n, **f32)
+        self.top_p = torch.ones(n, **f32)
         self.top_k = torch.zeros(n, **long)
-        self.noise = torch.ones(n, lm.cfg.vocab_size, dtype=torch.float32, device=device)
-        self.out = torch.zeros(n, **long)  # the sampled tokens
+        self.min_p = torch.zeros(n, **f32)
+        self.repetition = torch.ones(n, **f32)
+        self.presence = torch.zeros(n, **f32)
+        self.frequency = torch.zeros(n, **f32)
+        self.seeds = torch.zeros(n, **long)
+        self.counts = torch.zeros(n, vocab, dtype=torch.int32, device=device)  # output tokens so far
+        self.seen = torch.zeros(n, vocab, dtype=torch.bool, device=device)  # prompt and output tokens
+        self.out = torch.zeros(n, **long)  # the chosen tokens
+        self.out_logprob = torch.zeros(n, **f32)
+        k = min(sampling.MAX_LOGPROBS, vocab)
+        self.top_logprobs = torch.zeros(n, k, **f32)
+        self.top_ids = torch.zeros(n, k, **long)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_ms = 0.0
         self.use_graphs = (
             device.type == "cuda"
             and os.environ.get("OVFAST_CUDA_GRAPHS", "1") != "0"
-            and kernel_for("attention_decode", device) is not None
+            and _decode_attention_is_a_kernel(device, cache.k.dtype, cache.k.shape[-1])
         )
         self._pool = None
 
     # --- host-side row updates (between steps) ---------------------------------------------------
 
-    def admit(self, slot: int, token: int, position: int, temperature: float, top_p: float, top_k: int) -> None:
-        """A sequence enters ``slot``: its next input is ``token`` at ``position``."""
+    def set_params(self, slot: int, p: SamplingParams, seed: int, prompt_ids: torch.Tensor) -> None:
+        """A request takes ``slot``: its sampling parameters, and its prompt as the tokens seen."""
+        self.temperature[slot] = p.temperature
+        self.top_p[slot] = p.top_p
+        self.top_k[slot] = p.top_k
+        self.min_p[slot] = p.min_p
+        self.repetition[slot] = p.repetition_penalty
+        self.presence[slot] = p.presence_penalty
+        self.frequency[slot] = p.frequency_penalty
+        self.seeds[slot] = seed
+        self.counts[slot].zero_()
+        self.seen[slot].zero_()
+        if p.repetition_penalty != 1.0:
+            self.seen[slot, prompt_ids.to(self.device)] = True
+
+    def admit(self, slot: int, token: int, position: int) -> None:
+        """The slot's sequence starts decoding: its next input is its first ``token`` at ``position``."""
         self.tokens[slot] = token
         self.positions[slot] = position
-        self.temperature[slot] = temperature
-        self.top_p[slot] = top_p
-        self.top_k[slot] = top_k
+        self.counts[slot, token] += 1
+        self.seen[slot, token] = True
         self.active[slot] = True
 
     def retire(self, slot: int) -> None:
-        """The slot's sequence is done: the row stops advancing (it idles on its last position)."""
+        """The slot's sequence is done: the row stops and parks on the scratch position."""
         self.active[slot] = False
+        self.positions[slot] = self.scratch
 
-    def fill_noise(self, row: int, generator: torch.Generator | None) -> None:
-        """Exponential noise for a sampling row's next draw, from that request's own generator."""
-        self.noise[row].exponential_(generator=generator)
+    # --- token choice (shared by the step and a prefill's first token) ----------------------------
+
+    def choose(self, logits: torch.Tensor, rows: slice, positions: torch.Tensor, general: bool):
+        """Next token of ``rows`` from fp32 ``logits``; with ``general`` also penalties and log-probabilities
+        (written to ``out_logprob`` / ``top_logprobs`` / ``top_ids``). Sync-free."""
+        if not general:
+            return logits.argmax(dim=-1)
+        x = sampling.apply_penalties(logits, self.counts[rows], self.seen[rows], self.repetition[rows],
+                                     self.presence[rows], self.frequency[rows])
+        noise = sampling.keyed_noise(self.seeds[rows], positions, x.shape[-1])
+        nxt = sampling.choose(x, self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows], noise)
+        chosen, top_lp, top_ids = sampling.token_logprobs(logits, nxt, self.top_ids.shape[1])
+        self.out_logprob[rows].copy_(chosen)
+        self.top_logprobs[rows].copy_(top_lp)
+        self.top_ids[rows].copy_(top_ids)
+        return nxt
 
     # --- the step ---------------------------------------------------------------------------------
 
@@ -85,7 +141,10 @@ class DecodeRunner:
         return next(b for b in self.buckets if b >= rows)
 
     def step(self, rows: int, sampling: bool) -> torch.Tensor:
-        """Queue one step for rows 0..rows-1; returns the (bucket,) view of the output tokens."""
+        """Queue one step for rows 0..rows-1; returns the (bucket,) view of the output tokens.
+
+        ``sampling``: the general variant (needed when any row samples, is penalised or wants
+        log-probabilities)."""
         b = self.bucket(rows)
         if not self.use_graphs:
             self._forward(b, sampling)
@@ -98,45 +157,47 @@ class DecodeRunner:
         """Capture every bucket in both variants now (largest first); returns the milliseconds spent."""
         if self.use_graphs:
             for b in reversed(self.buckets):
-                for sampling in (False, True):
-                    if (b, sampling) not in self.graphs:
-                        self._capture(b, sampling)
+                for variant in (False, True):
+                    if (b, variant) not in self.graphs:
+                        self._capture(b, variant)
         return self.capture_ms
 
     @torch.inference_mode()
-    def _forward(self, b: int, sampling: bool) -> None:
+    def _forward(self, b: int, general: bool) -> None:
         lm = self.lm
         tokens, positions, active = self.tokens[:b], self.positions[:b], self.active[:b]
-        self.seq_lens[:b].copy_(positions + 1)
+        self.seq_lens[:b].copy_(torch.where(active, positions + 1, 0))
         batch = ForwardBatch(positions=positions, slots=self.slots[:b], seq_lens=self.seq_lens[:b])
         logits = lm.logits(lm(lm.embed(tokens), batch, self.cache.k, self.cache.v))
-        if sampling:
-            nxt = sample(logits, self.temperature[:b], self.top_p[:b], self.top_k[:b], self.noise[:b])
-        else:
-            nxt = logits.argmax(dim=-1)
+        nxt = self.choose(logits, slice(0, b), positions, general)
         self.out[:b].copy_(nxt)
         tokens.copy_(torch.where(active, nxt, tokens))
-        positions.add_(active.long())
+        if general:  # the penalties' bookkeeping (only the general variant reads it)
+            self.counts[:b].scatter_add_(1, nxt[:, None], active[:, None].to(torch.int32))
+            self.seen[:b].scatter_(1, nxt[:, None], self.seen[:b].gather(1, nxt[:, None]) | active[:, None])
+        positions.copy_(torch.where(active, positions + 1, positions))
 
-    def _capture(self, b: int, sampling: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int, general: bool) -> torch.cuda.CUDAGraph:
         t0 = time.perf_counter()
         # Warm up on a side stream (first-call allocations and autotuning stay out of the graph),
         # then capture into a pool shared by all buckets. The warm-up and capture steps compute on
-        # whatever the buffers hold, so inactive rows are frozen and active ones are restored after.
-        saved = (self.tokens.clone(), self.positions.clone())
-        stream = torch.cuda.Stream(self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            self._forward(b, sampling)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool):
-            self._forward(b, sampling)
-        self.tokens.copy_(saved[0])
-        self.positions.copy_(saved[1])
-        torch.cuda.synchronize(self.device)
-        self.graphs[(b, sampling)] = graph
+        # whatever the buffers hold, so the row state they advance is restored afterwards.
+        saved = [t.clone() for t in (self.tokens, self.positions, self.counts, self.seen)]
+        with torch.cuda.device(self.device):
+            stream = torch.cuda.Stream(self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                self._forward(b, general)
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            # thread_local: preprocessing threads pinning host memory meanwhile cannot break the capture.
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                self._forward(b, general)
+            for t, s in zip((self.tokens, self.positions, self.counts, self.seen), saved):
+                t.copy_(s)
+            torch.cuda.synchronize(self.device)
+        self.graphs[(b, general)] = graph
         self.capture_ms += (time.perf_counter() - t0) * 1e3
         return graph

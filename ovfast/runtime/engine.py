@@ -1,18 +1,17 @@
-"""The engine: one loaded model, its static KV cache, and the request loop.
+"""The engine: one loaded model, its static KV cache, and the runtime every caller shares.
 
-A request goes: prepare (host: media, tiles, prompt ids) -> vision (tiles -> packed features)
--> prefill (prompt into a cache slot, first token) -> decode steps (one token per active slot per
-step, all slots in one batch) -> Completion. Several requests share the cache: each is prefilled
-alone, and freed slots are refilled while the others keep decoding.
+A request goes: ``submit`` -> preprocessing on a worker thread (media, tiles, prompt ids) -> a
+KV-cache slot -> vision (tiles -> packed features, once) -> prefill in chunks -> decode steps
+batched with every other running request -> a ``Completion`` on its ``RequestHandle``. The loop
+that owns the device is ``scheduler.Scheduler``; ``complete``, ``stream``, ``generate``,
+``complete_many`` and ``chat`` are thin clients of ``submit``.
 """
 from __future__ import annotations
 
 import os
-import threading
+import random
 import time
-from collections import deque
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,29 +21,29 @@ from ..checkpoint.config import ModelConfig
 from ..checkpoint.files import Checkpoint, open_checkpoint
 from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
 from ..checkpoint.weights import load_weights, mapping_tensors, safetensors_tensors
-from ..errors import ConfigError, OvfastError, UnsupportedInputError
+from ..errors import ConfigError, EngineBusyError, GenerationParamsError, OvfastError, UnsupportedInputError
 from ..inputs.device_tiles import device_tiles, pixel_affine
 from ..inputs.media import Video
 from ..inputs.preprocess import pixel_values
 from ..inputs.processing import PixelNormalizer, ProcessingConfig
 from ..models.llava_onevision import LlavaOnevision
 from ..models.qwen2 import ForwardBatch
-from ..ops import report, sample
+from ..ops import report
 from ..ops.backends import use_triton
 from .decode import DecodeRunner
-from .generation import Completion, Sequence, TextAssembler, Timings
+from .generation import Completion, Sequence, TextAssembler, Timings, TokenLogprob
+from .handle import RequestHandle
 from .kv_cache import KVCache, round_up
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
+from .scheduler import Scheduler
+
+__all__ = ["Engine", "EngineBusyError", "EngineConfig", "RequestHandle", "load"]
 
 _DTYPES = {
     "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
-
-
-class EngineBusyError(OvfastError):
-    """This thread already has an unfinished stream on the engine; finish or close it first."""
 
 
 @dataclass(frozen=True)
@@ -54,6 +53,17 @@ class EngineConfig:
     max_images: int = 16  # images in one request
     max_video_frames: int = 64  # video frames in one request (all videos)
     vision_chunk: int = 16  # tiles through the vision tower at a time
+    max_queue: int = 256  # requests accepted but not yet in a slot; beyond: EngineOverloadedError
+    prefill_chunk: int = 1024  # prompt tokens per prefill step, interleaved with decode steps
+    preprocess_workers: int = 2  # threads decoding and tiling media
+    max_prepared: int | None = None  # preprocessed requests holding pixels before admission (default 2 x slots)
+
+    def check(self) -> None:
+        for name in ("max_batch_size", "max_images", "max_video_frames", "vision_chunk", "max_queue",
+                     "prefill_chunk", "preprocess_workers"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
 
 
 def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
@@ -68,12 +78,21 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     raise ConfigError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")
 
 
+
 class Engine:
-    """A loaded LLaVA-OneVision model. Create with ``ovfast.load``. Thread-safe: calls run one at a time."""
+    """A loaded LLaVA-OneVision model. Create with ``ovfast.load``.
+
+    Thread-safe and shared: any number of threads and asyncio tasks submit requests; one
+    background loop batches them (continuous batching, chunked prefill). Use as a context manager
+    or call ``close()`` to stop the loop.
+    """
 
     def __init__(self, ckpt: Checkpoint, device=None, dtype=None, config: EngineConfig = EngineConfig(),
                  weights: Mapping[str, torch.Tensor] | None = None):
+        config.check()
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = _resolve_dtype(dtype, self.device)
         self.checkpoint = ckpt
         self.model_config = ModelConfig.from_dict(ckpt.config)
@@ -95,24 +114,34 @@ class Engine:
         )
         self.normalizer = PixelNormalizer(proc)
 
-        t0 = time.perf_counter()
-        with torch.device("meta"):
-            model = LlavaOnevision(cfg)
-        model = model.to(self.dtype).to_empty(device=self.device)
-        if cfg.text.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
-            model.language_model.lm_head = model.language_model.embed_tokens
-        load_weights(model, mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files))
-        model.language_model.set_max_positions(max_seq_len)
-        self.model = model.eval().requires_grad_(False)
-        self.load_ms = (time.perf_counter() - t0) * 1e3
-        self.cache = KVCache(cfg.text, config.max_batch_size, round_up(max_seq_len, 16), self.dtype, self.device)
-        self.runner = DecodeRunner(self.model.language_model, self.cache, self.device)
-        # Two host buffers for the sampled tokens: one being read while the next step fills the other.
-        pin = self.device.type == "cuda"
-        self._host_tokens = [torch.zeros(config.max_batch_size, dtype=torch.long, pin_memory=pin) for _ in range(2)]
-        self._flip = 0
-        self._lock = threading.Lock()
-        self._owner: int | None = None
+        with self._on_device():
+            t0 = time.perf_counter()
+            with torch.device("meta"):
+                model = LlavaOnevision(cfg)
+            model = model.to(self.dtype).to_empty(device=self.device)
+            if cfg.text.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
+                model.language_model.lm_head = model.language_model.embed_tokens
+            load_weights(model, mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files))
+            # One position past max_seq_len: the scratch position idle decode rows write to.
+            cache_len = round_up(max_seq_len + 1, 16)
+            model.language_model.set_max_positions(cache_len)
+            self.model = model.eval().requires_grad_(False)
+            self.load_ms = (time.perf_counter() - t0) * 1e3
+            self.cache = KVCache(cfg.text, config.max_batch_size, cache_len, self.dtype, self.device)
+            self.runner = DecodeRunner(self.model.language_model, self.cache, self.device, scratch=max_seq_len)
+            # Two host buffers for the chosen tokens: one being read while the next step fills the other.
+            pin = self.device.type == "cuda"
+            n = config.max_batch_size
+            self._host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
+            k = self.runner.top_ids.shape[1]
+            self._host_logprobs = [(torch.zeros(n, pin_memory=pin), torch.zeros(n, k, pin_memory=pin),
+                                    torch.zeros(n, k, dtype=torch.long, pin_memory=pin)) for _ in range(2)]
+            self._flip = 0
+            # Warm up at load, not on the first request: vision GEMM autotuning, then every graph.
+            self.vision_warmup_ms = self._warm_up_vision()
+            self.runner.capture_all()
+        self._scheduler = Scheduler(self, config.max_queue, config.prefill_chunk, config.preprocess_workers,
+                                    config.max_prepared or 2 * config.max_batch_size)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -121,65 +150,98 @@ class Engine:
         """True for checkpoints written by ``ovfast.build_checkpoint``: their answers mean nothing."""
         return self.checkpoint.random_weights is not None
 
-    def complete(self, images, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-                 top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
-                 ignore_eos: bool = False) -> Completion:
+    def submit(self, images=None, prompt: str | None = None, *, messages=None, chat: bool = True,
+               **params) -> RequestHandle:
+        """Queue one request and return at once with its ``RequestHandle``.
+
+        Either ``images`` (an image, an ``ovfast.Video``, a list of them, or None) and ``prompt``,
+        or ``messages`` (OpenAI-style chat turns, see ``chat``). ``params``: ``max_new_tokens``,
+        ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``ignore_eos``,
+        ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logprobs`` (None, or
+        how many alternatives, up to 20, beside each chosen token's log-probability).
+
+        Parameters are checked here; media errors arrive on the handle (``result()`` raises them).
+        Beyond ``max_queue`` waiting requests this raises ``EngineOverloadedError`` before any
+        preprocessing.
+        """
+        p = _params(params)
+        device_tiling = use_triton(self.device)
+        if messages is not None:
+            if images is not None or prompt is not None:
+                raise UnsupportedInputError("pass either messages, or images and prompt, not both")
+            return self._scheduler.submit(lambda: self.requests.prepare_messages(messages, p, device_tiling))
+        if prompt is None:
+            raise UnsupportedInputError("a prompt (or messages=) is required")
+        return self._scheduler.submit(lambda: self.requests.prepare(images, prompt, chat, p, device_tiling))
+
+    def complete(self, images, prompt: str, *, chat: bool = True, **params) -> Completion:
         """Answer one request. ``images``: an image, an ``ovfast.Video``, a list of them, or None.
 
-        Greedy when temperature is 0; otherwise temperature, top-k (0 = off) and top-p sampling,
-        reproducible under ``seed``. Generation ends at the checkpoint's eos ids (unless
-        ``ignore_eos``, for benchmarks), at any ``stop`` string (cut from the text), or after
-        ``max_new_tokens``.
+        Greedy when temperature is 0; otherwise temperature, top-k (0 = off), top-p and min-p
+        sampling, reproducible under ``seed`` whatever else runs. Generation ends at the
+        checkpoint's eos ids (unless ``ignore_eos``, for benchmarks), at any ``stop`` string (cut
+        from the text), or after ``max_new_tokens``. See ``submit`` for every parameter.
         """
-        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        with self._exclusive():
-            req = self._prepare(images, prompt, chat, params)
-            return self._run([req])[0]
+        return self.submit(images, prompt, chat=chat, **params).result()
 
     def generate(self, images, prompt: str, **kw) -> str:
         """The answer's text (see ``complete`` for the arguments)."""
         return self.complete(images, prompt, **kw).text
 
-    def stream(self, images, prompt: str, *, max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
-               ignore_eos: bool = False) -> Iterator[str]:
+    def chat(self, messages, **params) -> Completion:
+        """Answer OpenAI-style ``messages``: ``[{"role": "system" | "user" | "assistant", "content": ...}]``,
+        content a string or a list of parts (``{"type": "text", "text"}``, ``{"type": "image", "image"}``,
+        ``{"type": "image_url", "image_url": {"url"}}``, ``{"type": "video", "video"}``), multi-turn,
+        rendered with the checkpoint's chat template."""
+        return self.submit(messages=messages, **params).result()
+
+    def stream(self, images, prompt: str, *, chat: bool = True, **params) -> Iterator[str]:
         """Yield the answer's text in pieces as tokens arrive; the pieces join to ``complete(...).text``.
 
-        Pieces hold whole characters only. The engine is reserved until the iterator is exhausted
-        or closed.
+        Pieces hold whole characters only. Bad input raises here, at the call; closing the
+        iterator early cancels the request.
         """
-        params = SamplingParams.make(max_new_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
-        # Validate eagerly so bad input raises at the call, not at the first next().
-        with self._exclusive():
-            req = self._prepare(images, prompt, chat, params)
-        return self._stream(req)
+        handle = self.submit(images, prompt, chat=chat, **params)
+        handle.wait_prepared()
+        return _pieces(handle)
 
-    def complete_many(self, requests, *, max_new_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-                      top_k: int = 0, seed: int | None = None, stop=None, chat: bool = True,
-                      ignore_eos: bool = False) -> list[Completion]:
-        """Answer several requests together through the shared cache; completions come back in order.
+    def complete_many(self, requests, *, chat: bool = True, **shared) -> list[Completion]:
+        """Answer several requests together; completions come back in order.
 
         Each request is ``(images, prompt)`` or ``(images, prompt, overrides)`` where ``overrides``
-        is a dict of ``complete``'s keyword arguments for that request alone. Up to
-        ``max_batch_size`` decode in one batch, and a finished request's slot goes to the next
-        waiting one. Under greedy decoding each gets exactly what ``complete`` gives it alone.
+        is a dict of ``complete``'s keyword arguments for that request alone. Under greedy
+        decoding each gets exactly what ``complete`` gives it alone.
         """
-        shared = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                      seed=seed, stop=stop, chat=chat, ignore_eos=ignore_eos)
-        with self._exclusive():
-            prepared = []
-            for i, r in enumerate(requests):
+        _params(shared)
+        jobs = []
+        for i, r in enumerate(requests):
+            try:
+                if not isinstance(r, (tuple, list)) or len(r) not in (2, 3):
+                    raise UnsupportedInputError("expected (images, prompt) or (images, prompt, overrides)")
+                kw = {"chat": chat, **shared, **(r[2] if len(r) == 3 else {})}
+                unknown = set(kw) - {"chat", *SamplingParams.NAMES}
+                if unknown:
+                    raise UnsupportedInputError(f"unknown overrides {sorted(unknown)}")
+                jobs.append((r[0], r[1], kw))
+            except OvfastError as e:
+                raise type(e)(f"request {i}: {e}") from e
+        handles = []
+        try:
+            for i, (images, prompt, kw) in enumerate(jobs):
                 try:
-                    if not isinstance(r, (tuple, list)) or len(r) not in (2, 3):
-                        raise UnsupportedInputError("expected (images, prompt) or (images, prompt, overrides)")
-                    kw = {**shared, **(r[2] if len(r) == 3 else {})}
-                    if set(kw) != set(shared):
-                        raise UnsupportedInputError(f"unknown overrides {sorted(set(kw) - set(shared))}")
-                    chat_i = kw.pop("chat")
-                    prepared.append(self._prepare(r[0], r[1], chat_i, SamplingParams.make(**kw)))
+                    handles.append(self.submit(images, prompt, **kw))
                 except OvfastError as e:
                     raise type(e)(f"request {i}: {e}") from e
-            return self._run(prepared)
+            out = []
+            for i, h in enumerate(handles):
+                try:
+                    out.append(h.result())
+                except OvfastError as e:
+                    raise type(e)(f"request {i}: {e}") from e
+            return out
+        finally:
+            for h in handles:
+                h.cancel()  # no-op for finished ones; on an error the rest stop
 
     def encode_media(self, images) -> list[torch.Tensor]:
         """The feature rows each item puts in the prompt, (num_tokens, hidden) per item, as the decoder sees them.
@@ -188,36 +250,52 @@ class Engine:
         """
         items = as_items(images)
         placeholders = "".join("<video>" if isinstance(x, Video) else "<image>" for x in items)
-        with self._exclusive(), torch.inference_mode():
-            req = self._prepare(items, placeholders, False, SamplingParams.make(max_new_tokens=1))
-            return self._encode_items(req.items) if req.items else []
+        req = self._prepare(items, placeholders, False, SamplingParams.make(max_new_tokens=1))
+        if not req.items:
+            return []
+        return self._scheduler.run_on_device(lambda slot: self._encode_items(req.items), needs_slot=False)
 
     def logits(self, images, prompt: str, *, chat: bool = True) -> torch.Tensor:
         """fp32 next-token logits at every prompt position, (prompt_tokens, vocab_size)."""
-        with self._exclusive(), torch.inference_mode():
-            req = self._prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
-            hidden = self._prefill(req, slot=0)
-            return self.model.language_model.logits(hidden)
+        req = self._prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
+        return self._scheduler.run_on_device(lambda slot: self.model.language_model.logits(self._prefill(req, slot)))
 
     def info(self) -> dict:
-        """What runs where: device, dtype, each op's backend, CUDA graphs, KV-cache size."""
+        """What runs where: device, dtype, each op's backend, CUDA graphs, KV-cache size, scheduler limits."""
         return {
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
-            "graph_capture_ms": self.runner.capture_ms, "kv_cache_gib": self.cache.nbytes / 2**30,
+            "graph_capture_ms": self.runner.capture_ms, "vision_warmup_ms": self.vision_warmup_ms,
+            "kv_cache_gib": self.cache.nbytes / 2**30,
             "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
+            "max_queue": self.config.max_queue, "prefill_chunk": self.config.prefill_chunk,
         }
+
+    def stats(self) -> dict:
+        """Now: running / waiting requests, free slots, KV tokens used of total; so far: requests
+        finished, tokens generated, time-to-first-token and inter-token latency percentiles (ms)."""
+        return self._scheduler.stats()
 
     def preprocess(self, images, *, dtype: torch.dtype | None = None, pin_memory: bool | None = None) -> list[torch.Tensor]:
         """Normalised pixel values of each item with this engine's settings (see ``ovfast.preprocess``).
 
-        Runs without reserving the engine, so other threads can preprocess while it generates.
+        Runs on the caller's thread, beside whatever the engine is generating.
         Defaults: the engine's dtype; pinned memory when the engine is on a GPU.
         """
         pin = self.device.type == "cuda" if pin_memory is None else pin_memory
         return pixel_values(images, self.requests.model, self.requests.proc, self.normalizer, dtype or self.dtype, pin)
 
-    # --- internals ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop accepting requests, cancel what is running or waiting, and stop the loop."""
+        self._scheduler.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- internals: called on the scheduler's thread --------------------------------------------
 
     def _prepare(self, images, prompt: str, chat: bool, params: SamplingParams) -> PreparedRequest:
         # With the Triton kernels on (CUDA by default), images go to the device untiled, as uint8.
@@ -232,88 +310,116 @@ class Engine:
             eos = self.checkpoint.config.get("text_config", {}).get("eos_token_id")
         return [eos] if isinstance(eos, int) else list(eos or [])
 
-    @contextmanager
-    def _exclusive(self):
-        me = threading.get_ident()
-        if self._owner == me:
-            raise EngineBusyError("this thread is still iterating a stream from this engine; exhaust or close() it first")
-        with self._lock:
-            self._owner = me
-            try:
-                yield
-            finally:
-                self._owner = None
 
-    def _stream(self, req: PreparedRequest) -> Iterator[str]:
-        with self._exclusive():
-            for seq in self._generate([req]):
-                piece = seq.text.pending()
-                if piece:
-                    yield piece
-
-    def _run(self, reqs: list[PreparedRequest]) -> list[Completion]:
-        done: list[Completion | None] = [None] * len(reqs)
-        for seq in self._generate(reqs):
-            if seq.finish_reason:
-                done[seq.index] = seq.completion()
-        return done
+    def _on_device(self):
+        """Every launch and capture on the engine's GPU, whatever the calling thread's current device."""
+        return torch.cuda.device(self.device) if self.device.type == "cuda" else _nothing()
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _generate(self, reqs: list[PreparedRequest]) -> Iterator[Sequence]:
-        """Run requests to completion; yields a sequence after each token it gains (and once finished).
+    def _cancelled_completion(self, prompt_tokens: int = 0) -> Completion:
+        return Completion("", [], prompt_tokens, "cancelled", Timings())
 
-        Decode steps are queued one ahead: while the device computes step t+1, the host turns
-        step t's tokens into text and checks the stop conditions, synchronising once per step. A
-        sequence found finished at step t already had step t+1 computed; that token is dropped.
-        """
-        pending = deque(enumerate(reqs))
-        width = min(self.cache.slots, len(reqs))  # decode rows are slots 0..width-1
-        active: dict[int, Sequence] = {}
-        in_flight = None
-        try:
-            while pending or active or in_flight:
-                for slot in range(width):
-                    if slot in active or not pending:
-                        continue
-                    seq = self._start(*pending.popleft(), slot)
-                    yield seq
-                    if not seq.finish_reason:
-                        active[slot] = seq
-                        p = seq.request.params
-                        self.runner.admit(slot, seq.tokens[-1], seq.length, p.temperature, p.top_p, p.top_k)
-                queued = self._queue_step(active) if active else None
-                if in_flight is not None:
-                    for seq in self._collect(*in_flight):
-                        yield seq
-                        if seq.finish_reason:
-                            del active[seq.slot]
-                            self.runner.retire(seq.slot)
-                in_flight = queued
-        finally:  # also on errors and abandoned streams: no row keeps advancing into the next call
-            for slot in range(width):
-                self.runner.retire(slot)
+    @torch.inference_mode()
+    def _warm_up_vision(self) -> float:
+        """Autotune the vision GEMM kernels for every tile batch the engine will run (1, 2, 4, ...,
+        vision_chunk tiles: ``kernels._runtime.m_bucket`` keys) before the first request."""
+        if self.device.type != "cuda" or not use_triton(self.device):
+            return 0.0
+        t0 = time.perf_counter()
+        scale, shift = pixel_affine(self.requests.proc, self.device)
+        t = self.requests.proc.tile
+        n = 1
+        while True:
+            tiles = torch.zeros((min(n, self.config.vision_chunk), 3, t, t), dtype=torch.uint8, device=self.device)
+            self.model.encode_tiles(tiles, self.config.vision_chunk, scale, shift)
+            if n >= self.config.vision_chunk:
+                break
+            n *= 2
+        self._sync()
+        return (time.perf_counter() - t0) * 1e3
 
-    def _queue_step(self, active: dict[int, Sequence]):
+    def _begin(self, req: PreparedRequest, slot: int, submitted: float) -> Sequence:
+        """A request takes ``slot``: vision once, its prompt rows ready for the prefill chunks."""
+        p = req.params
+        seed = p.seed if p.seed is not None else random.getrandbits(62)
+        seq = Sequence(req, slot, TextAssembler(self.tokenizer, p.stop), seed,
+                       Timings(preprocess_ms=req.preprocess_ms), submitted=submitted)
+        if p.logprobs is not None:
+            seq.logprobs = []
+        t0 = time.perf_counter()
+        ids = torch.tensor(req.input_ids, dtype=torch.long, device=self.device)
+        seq.embeds = self._embed(req, ids)
+        self.runner.set_params(slot, p, seed, ids)
+        if req.items:
+            self._sync()
+        seq.timings.vision_ms = (time.perf_counter() - t0) * 1e3
+        return seq
+
+    def _embed(self, req: PreparedRequest, ids: torch.Tensor) -> torch.Tensor:
+        h = self.model.language_model.embed(ids)
+        if req.items:
+            self._merge_visual(h, req)
+        return h
+
+    def _prefill_chunk(self, seq: Sequence, budget: int) -> None:
+        """The next at most ``budget`` prompt positions of ``seq`` into its slot; after the last, its first token."""
+        t0 = time.perf_counter()
+        total = len(seq.request.input_ids)
+        start = seq.prefilled
+        n = min(budget, total - start)
+        lm = self.model.language_model
+        batch = ForwardBatch.prefill(seq.slot, n, self.device, start=start)
+        hidden = lm(seq.embeds[start : start + n], batch, self.cache.k, self.cache.v)
+        seq.prefilled += n
+        if seq.prefilling:
+            self._sync()
+            seq.timings.prefill_ms += (time.perf_counter() - t0) * 1e3
+            return
+        seq.embeds = None
+        p = seq.request.params
+        logits = lm.logits(hidden[-1:])
+        general = not p.plain_greedy
+        rows = slice(seq.slot, seq.slot + 1)
+        token = int(self.runner.choose(logits, rows, torch.tensor([total - 1], device=self.device), general))
+        if seq.logprobs is not None:
+            self._record_logprobs(seq, token, self.runner.out_logprob[rows], self.runner.top_logprobs[rows],
+                                  self.runner.top_ids[rows], 0)
+        seq.decode_start = seq.last_token = time.perf_counter()
+        seq.timings.prefill_ms += (seq.decode_start - t0) * 1e3
+        seq.length = total
+        seq.add_token(token, self.eos_ids)
+
+    def _record_logprobs(self, seq: Sequence, token: int, chosen, top_lp, top_ids, row: int) -> None:
+        n = seq.request.params.logprobs
+        ids = top_ids[row, :n].tolist()
+        values = top_lp[row, :n].tolist()
+        decode = lambda i: self.tokenizer.decode([i], skip_special_tokens=False)  # noqa: E731
+        seq.logprobs.append(TokenLogprob(token, decode(token), float(chosen[row]),
+                                         tuple((i, decode(i), v) for i, v in zip(ids, values))))
+
+    def _queue_step(self, active: dict[int, Sequence], general: bool):
         """Launch one decode step for the active slots; returns what ``_collect`` needs to read it."""
-        sampling = any(s.request.params.temperature > 0 for s in active.values())
-        if sampling:
-            for slot, seq in active.items():
-                if seq.request.params.temperature > 0:
-                    self.runner.fill_noise(slot, seq.generator)
-        out = self.runner.step(max(active) + 1, sampling)
+        out = self.runner.step(max(active) + 1, general)
+        b = out.shape[0]
         self._flip ^= 1
-        host = self._host_tokens[self._flip][: out.shape[0]]
+        host = self._host_tokens[self._flip][:b]
         host.copy_(out, non_blocking=True)
+        logprob_host = None
+        if any(seq.logprobs is not None for seq in active.values()):
+            logprob_host = tuple(h[:b] for h in self._host_logprobs[self._flip])
+            for h, d in zip(logprob_host, (self.runner.out_logprob, self.runner.top_logprobs, self.runner.top_ids)):
+                h.copy_(d[:b], non_blocking=True)
         event = None
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return host, event, dict(active)
+        return host, event, dict(active), general, logprob_host
 
-    def _collect(self, host: torch.Tensor, event, stepped: dict[int, Sequence]) -> list[Sequence]:
+    def _collect(self, host: torch.Tensor, event, stepped: dict[int, Sequence], general: bool,
+                 logprob_host) -> list[Sequence]:
         """Wait for a queued step and hand each of its still-running sequences its token."""
         if event is not None:
             event.synchronize()
@@ -324,45 +430,21 @@ class Engine:
             if seq.finish_reason:  # finished at the previous step: this token is surplus
                 continue
             seq.length += 1
+            if seq.logprobs is not None:
+                self._record_logprobs(seq, tokens[slot], *(logprob_host[0], logprob_host[1], logprob_host[2]), slot)
             seq.add_token(tokens[slot], self.eos_ids)
+            seq.previous_token, seq.last_token = seq.last_token, now
             seq.timings.decode_ms = (now - seq.decode_start) * 1e3
             seq.timings.decode_tokens = len(seq.tokens) - 1
             out.append(seq)
         return out
 
-    @torch.inference_mode()
-    def _start(self, index: int, req: PreparedRequest, slot: int) -> Sequence:
-        """Vision and prefill of one request into ``slot``; the returned sequence holds its first token."""
-        p = req.params
-        gen = None
-        if p.seed is not None and p.temperature > 0:
-            gen = torch.Generator(device=self.device).manual_seed(p.seed)
-        seq = Sequence(index, req, slot, TextAssembler(self.tokenizer, p.stop), gen, Timings(preprocess_ms=req.preprocess_ms))
-        hidden = self._prefill(req, slot, seq.timings)
-        t0 = time.perf_counter()
-        logits = self.model.language_model.logits(hidden[-1:])
-        if p.temperature > 0:
-            dev = logits.device
-            noise = torch.empty_like(logits).exponential_(generator=gen)
-            token = sample(logits, torch.tensor([p.temperature], device=dev), torch.tensor([p.top_p], device=dev),
-                           torch.tensor([p.top_k], device=dev), noise)
-        else:
-            token = logits.argmax(dim=-1)
-        token = int(token)  # synchronises: the first token is part of prefill
-        seq.decode_start = time.perf_counter()
-        seq.timings.prefill_ms += (seq.decode_start - t0) * 1e3
-        seq.length = len(req.input_ids)
-        seq.add_token(token, self.eos_ids)
-        return seq
-
     def _prefill(self, req: PreparedRequest, slot: int, timings: Timings | None = None) -> torch.Tensor:
-        """Embed the prompt, merge the media features, run the decoder into ``slot``: final hidden (T, D)."""
+        """The whole prompt into ``slot`` in one pass: final hidden states (T, D) (``logits``, tests)."""
         t0 = time.perf_counter()
         ids = torch.tensor(req.input_ids, dtype=torch.long, device=self.device)
-        h = self.model.language_model.embed(ids)
-        if req.items:
-            self._merge_visual(h, ids, req)
-            self._sync()
+        h = self._embed(req, ids)
+        self._sync()
         t1 = time.perf_counter()
         batch = ForwardBatch.prefill(slot, len(req.input_ids), self.device)
         hidden = self.model.language_model(h, batch, self.cache.k, self.cache.v)
@@ -406,25 +488,56 @@ class Engine:
         pixels = [upload(f) for f in item.rgb] if item.kind == "video" else upload(item.rgb[0])
         return device_tiles(pixels, item.kind, self.model_config, self.requests.proc)
 
-    def _merge_visual(self, h: torch.Tensor, ids: torch.Tensor, req: PreparedRequest) -> None:
-        """Write each item's packed features over its placeholder rows (images and videos in prompt order)."""
+
+    def _merge_visual(self, h: torch.Tensor, req: PreparedRequest) -> None:
+        """Write each item's packed features over its placeholder rows (images and videos in prompt order).
+
+        The rows are found on the host, from the prompt ids: no boolean-mask indexing (a sync)."""
         feats = self._encode_items(req.items)
         cfg = self.model_config
         for is_video, token in ((False, cfg.image_token_id), (True, cfg.video_token_id)):
             rows = [f for it, f in zip(req.items, feats) if (it.kind == "video") == is_video]
             if rows:
-                h[ids == token] = torch.cat(rows).to(h.dtype)
+                where = [i for i, t in enumerate(req.input_ids) if t == token]
+                index = torch.tensor(where, dtype=torch.long).to(self.device, non_blocking=True)
+                h.index_copy_(0, index, torch.cat(rows).to(h.dtype))
+
+
+def _params(params: dict) -> SamplingParams:
+    unknown = set(params) - set(SamplingParams.NAMES)
+    if unknown:
+        raise GenerationParamsError(f"unknown generation parameters {sorted(unknown)}; known: {list(SamplingParams.NAMES)}")
+    return SamplingParams.make(**params)
+
+
+def _pieces(handle: RequestHandle) -> Iterator[str]:
+    try:
+        yield from handle
+    finally:  # closed early (or abandoned): the request stops and frees its slot
+        handle.cancel()
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
 
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, max_batch_size: int = 4, max_seq_len: int | None = None,
-         max_images: int = 16, max_video_frames: int = 64, weights: Mapping[str, torch.Tensor] | None = None) -> Engine:
+         max_images: int = 16, max_video_frames: int = 64, max_queue: int = 256, prefill_chunk: int = 1024,
+         preprocess_workers: int = 2, weights: Mapping[str, torch.Tensor] | None = None) -> Engine:
     """Load a LLaVA-OneVision checkpoint: a local Hugging Face directory or a Hub id.
 
     Defaults: CUDA when available, else CPU; bfloat16 on a GPU, float32 on the CPU. ``weights``
     (a name -> tensor mapping in any supported naming, e.g. a transformers state_dict) replaces
-    the checkpoint's safetensors files, which then need not exist.
+    the checkpoint's safetensors files, which then need not exist. ``max_batch_size`` requests
+    decode together; ``max_queue`` more may wait; ``prefill_chunk`` bounds the prompt tokens one
+    step prefills, so running streams keep flowing while a long prompt is read.
     """
     config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_images=max_images,
-                          max_video_frames=max_video_frames)
+                          max_video_frames=max_video_frames, max_queue=max_queue, prefill_chunk=prefill_chunk,
+                          preprocess_workers=preprocess_workers)
     return Engine(open_checkpoint(model, need_weights=weights is None), device=device, dtype=dtype, config=config,
                   weights=weights)

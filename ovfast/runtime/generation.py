@@ -36,13 +36,24 @@ class Timings:
         }
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model, and the most likely alternatives."""
+
+    token_id: int
+    token: str
+    logprob: float
+    top: tuple[tuple[int, str, float], ...] = ()  # (token id, token text, log-probability), most likely first
+
+
 @dataclass
 class Completion:
     text: str
     token_ids: list[int]  # generated ids, the final eos included when one ended the answer
     prompt_tokens: int  # prompt length with every placeholder expanded
-    finish_reason: str  # "stop" (eos or a stop string) or "length" (max_new_tokens)
+    finish_reason: str  # "stop" (eos or a stop string), "length" (max_new_tokens) or "cancelled"
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # with ``logprobs=``: one per token of token_ids
 
 
 class TextAssembler:
@@ -89,16 +100,25 @@ class TextAssembler:
 class Sequence:
     """A request being generated in one KV-cache slot."""
 
-    index: int  # position of the request in its call
     request: PreparedRequest
     slot: int
     text: TextAssembler
-    generator: torch.Generator | None
+    seed: int  # keys the draws of a sampling request (see ``sampling.keyed_noise``)
     timings: Timings
+    submitted: float = 0.0  # perf_counter() when the request was accepted
+    embeds: torch.Tensor | None = None  # the prompt's input rows (media merged) until prefilled
+    prefilled: int = 0  # prompt positions already in the cache
     length: int = 0  # positions of this sequence already in the cache
     decode_start: float = 0.0  # perf_counter() when the first token was out
+    last_token: float = 0.0  # perf_counter() of the latest token
+    previous_token: float = 0.0  # ... and of the one before (inter-token latency)
     tokens: list[int] = field(default_factory=list)
+    logprobs: list | None = None
     finish_reason: str | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.prefilled < len(self.request.input_ids)
 
     def add_token(self, token: int, eos_ids: frozenset[int]) -> None:
         self.tokens.append(token)
@@ -110,5 +130,11 @@ class Sequence:
         if self.finish_reason:
             self.text.close()
 
+    def cancel(self) -> None:
+        if not self.finish_reason:
+            self.finish_reason = "cancelled"
+            self.text.close()
+
     def completion(self) -> Completion:
-        return Completion(self.text.text, list(self.tokens), len(self.request.input_ids), self.finish_reason, self.timings)
+        return Completion(self.text.text, list(self.tokens), len(self.request.input_ids), self.finish_reason,
+                          self.timings, self.logprobs)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jinja2
 
@@ -24,25 +24,44 @@ from ..errors import (
 from ..inputs.items import open_item
 from ..inputs.media import Video, as_items
 from ..inputs.processing import ProcessingConfig, VisualItem
+from .sampling import MAX_LOGPROBS
 
 IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
 
 
+def _number(name: str, x, lo: float, hi: float, lo_open: bool = False) -> float:
+    if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x) or not lo <= x <= hi \
+            or (lo_open and x == lo):
+        bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
+        raise GenerationParamsError(f"{name} must be a number in {bound}, got {x!r}")
+    return float(x)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int | None = 256  # None: up to the end of the context (set once the prompt is counted)
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # transformers' (prompt and output tokens); 1 = off
+    presence_penalty: float = 0.0  # OpenAI's (output tokens); 0 = off
+    frequency_penalty: float = 0.0
+    logprobs: int | None = None  # None: off; n: the chosen token's log-probability and the n most likely
+
+    NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "min_p",
+             "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
 
     @classmethod
     def make(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
-             ignore_eos=False) -> "SamplingParams":
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise GenerationParamsError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+             ignore_eos=False, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
+             logprobs=None) -> "SamplingParams":
+        if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
+                                           or max_new_tokens < 1):
+            raise GenerationParamsError(f"max_new_tokens must be a positive integer or None, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
             raise GenerationParamsError(f"temperature must be a finite number >= 0, got {temperature!r}")
         if not isinstance(top_p, (int, float)) or not 0 < top_p <= 1:
@@ -61,7 +80,27 @@ class SamplingParams:
             raise GenerationParamsError(f"stop must be a string or a list of strings, got {stop!r}")
         if any(s == "" for s in stop):
             raise GenerationParamsError("stop strings must not be empty")
-        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop, bool(ignore_eos))
+        min_p = _number("min_p", min_p, 0.0, 1.0)
+        repetition_penalty = _number("repetition_penalty", repetition_penalty, 0.0, 100.0, lo_open=True)
+        presence_penalty = _number("presence_penalty", presence_penalty, -2.0, 2.0)
+        frequency_penalty = _number("frequency_penalty", frequency_penalty, -2.0, 2.0)
+        if logprobs is False:
+            logprobs = None
+        elif logprobs is True:
+            logprobs = 0
+        elif logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS):
+            raise GenerationParamsError(f"logprobs must be None, a bool or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+        return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop, bool(ignore_eos), min_p,
+                   repetition_penalty, presence_penalty, frequency_penalty, logprobs)
+
+    @property
+    def penalised(self) -> bool:
+        return (self.repetition_penalty, self.presence_penalty, self.frequency_penalty) != (1.0, 0.0, 0.0)
+
+    @property
+    def plain_greedy(self) -> bool:
+        """Greedy with no penalties and no log-probabilities: the decode step's fast variant."""
+        return self.temperature == 0 and not self.penalised and self.logprobs is None
 
 
 @dataclass
@@ -92,19 +131,62 @@ class RequestBuilder:
         if not isinstance(prompt, str):
             raise UnsupportedInputError(f"prompt must be a string, not {type(prompt).__name__}")
         items = as_items(images)
+        self._check_counts(items)
+        if chat:
+            if IMAGE_TOKEN in prompt or VIDEO_TOKEN in prompt:
+                raise PlaceholderError(
+                    "the prompt contains <image>/<video>: with chat=True the chat template places the media; "
+                    "remove them, or pass chat=False and a fully formatted prompt"
+                )
+            content = [{"type": "video" if isinstance(x, Video) else "image"} for x in items]
+            content.sort(key=lambda part: part["type"] == "video")  # images first, then videos, then the text
+            text = self._render([{"role": "user", "content": content + [{"type": "text", "text": prompt}]}])
+        else:
+            text = prompt
+        return self._build(items, text, params, device_tiling, t0)
+
+    def prepare_messages(self, messages, params: SamplingParams, device_tiling: bool = False) -> PreparedRequest:
+        """OpenAI-style chat ``messages`` (see ``chat_messages``), rendered with the chat template."""
+        t0 = time.perf_counter()
+        conversation, items = chat_messages(messages)
+        self._check_counts(items)
+        return self._build(items, self._render(conversation), params, device_tiling, t0)
+
+    def _check_counts(self, items: list) -> None:
         n_images = sum(not isinstance(x, Video) for x in items)
-        videos = [x for x in items if isinstance(x, Video)]
-        n_frames = sum(v.num_frames for v in videos)
+        n_frames = sum(x.num_frames for x in items if isinstance(x, Video))
         if n_images > self.limits.max_images:
             raise TooManyImagesError(f"{n_images} images in one request; this engine allows at most {self.limits.max_images}")
         if n_frames > self.limits.max_video_frames:
             raise TooManyImagesError(
                 f"{n_frames} video frames in one request; this engine allows at most {self.limits.max_video_frames}"
             )
-        ids = self._prompt_ids(prompt, chat, n_images, len(videos))
+
+    def _render(self, conversation: list[dict]) -> str:
+        if self.template is None:
+            raise PlaceholderError("this checkpoint has no chat template; pass chat=False with a formatted prompt")
+        try:
+            return self.template.render(conversation, add_generation_prompt=True, tools=None, documents=None,
+                                        **self.tokenizer.special_tokens_map)
+        except jinja2.TemplateError as e:
+            raise PlaceholderError(f"the checkpoint's chat template rejected the request: {e}") from e
+
+    def _build(self, items: list, text: str, params: SamplingParams, device_tiling: bool, t0: float) -> PreparedRequest:
+        """Tokenise, check placeholders against items, count (rejecting over-long requests before
+        any resizing), tile, expand the placeholders."""
+        n_images = sum(not isinstance(x, Video) for x in items)
+        n_videos = len(items) - n_images
+        ids = self.tokenizer.encode(text)
+        found_images, found_videos = ids.count(self.model.image_token_id), ids.count(self.model.video_token_id)
+        if (found_images, found_videos) != (n_images, n_videos):
+            raise PlaceholderError(
+                f"the prompt has {found_images} <image> and {found_videos} <video> placeholders but "
+                f"{n_images} images and {n_videos} videos were passed; with chat=False put one placeholder per item"
+            )
         opened = [open_item(x, n_images, self.model, self.proc) for x in items]
-        # Reject over-long requests before the costly resizing.
-        prompt_tokens = len(ids) - n_images - len(videos) + sum(o.num_tokens for o in opened)
+        prompt_tokens = len(ids) - n_images - n_videos + sum(o.num_tokens for o in opened)
+        if params.max_new_tokens is None:  # the rest of the context
+            params = replace(params, max_new_tokens=max(self.limits.max_seq_len - prompt_tokens, 1))
         if prompt_tokens + params.max_new_tokens > self.limits.max_seq_len:
             raise ContextLengthError(
                 f"the prompt is {prompt_tokens} tokens (media included) and max_new_tokens is {params.max_new_tokens}: "
@@ -113,34 +195,6 @@ class RequestBuilder:
         visual = [o.tile(on_device=device_tiling) for o in opened]
         ids = self._expand(ids, visual)
         return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
-
-    def _prompt_ids(self, prompt: str, chat: bool, n_images: int, n_videos: int) -> list[int]:
-        if chat:
-            if IMAGE_TOKEN in prompt or VIDEO_TOKEN in prompt:
-                raise PlaceholderError(
-                    "the prompt contains <image>/<video>: with chat=True the chat template places the media; "
-                    "remove them, or pass chat=False and a fully formatted prompt"
-                )
-            if self.template is None:
-                raise PlaceholderError("this checkpoint has no chat template; pass chat=False with a formatted prompt")
-            content = [{"type": "image"}] * n_images + [{"type": "video"}] * n_videos + [{"type": "text", "text": prompt}]
-            try:
-                text = self.template.render(
-                    [{"role": "user", "content": content}], add_generation_prompt=True,
-                    tools=None, documents=None, **self.tokenizer.special_tokens_map,
-                )
-            except jinja2.TemplateError as e:
-                raise PlaceholderError(f"the checkpoint's chat template rejected the request: {e}") from e
-        else:
-            text = prompt
-        ids = self.tokenizer.encode(text)
-        found_images, found_videos = ids.count(self.model.image_token_id), ids.count(self.model.video_token_id)
-        if (found_images, found_videos) != (n_images, n_videos):
-            raise PlaceholderError(
-                f"the prompt has {found_images} <image> and {found_videos} <video> placeholders but "
-                f"{n_images} images and {n_videos} videos were passed; with chat=False put one placeholder per item"
-            )
-        return ids
 
     def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
         """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""
@@ -156,3 +210,55 @@ class RequestBuilder:
             else:
                 out.append(t)
         return out
+
+
+_ROLES = ("system", "user", "assistant")
+
+
+def chat_messages(messages) -> tuple[list[dict], list]:
+    """OpenAI-style messages -> (the conversation the chat template renders, the media in prompt order).
+
+    Each message is ``{"role": "system" | "user" | "assistant", "content": ...}`` with content a
+    string or a list of parts: ``{"type": "text", "text": ...}``, ``{"type": "image", "image": x}``
+    or ``{"type": "image_url", "image_url": {"url": x}}`` (x: anything ``complete`` takes as an
+    image, e.g. a path or a ``data:`` URI), ``{"type": "video", "video": ovfast.Video | frames}``.
+    Media keep their place in the turn; the template puts their placeholders there.
+    """
+    if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
+        raise UnsupportedInputError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
+    conversation, items = [], []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in _ROLES or "content" not in m:
+            raise UnsupportedInputError(f"messages[{i}] must be a dict with a role in {_ROLES} and a content")
+        content = m["content"]
+        if isinstance(content, str):
+            conversation.append({"role": m["role"], "content": [{"type": "text", "text": content}]})
+            continue
+        if not isinstance(content, Sequence):
+            raise UnsupportedInputError(f"messages[{i}].content must be a string or a list of parts")
+        parts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            where = f"messages[{i}].content[{j}]"
+            if kind == "text" and isinstance(part.get("text"), str):
+                parts.append({"type": "text", "text": part["text"]})
+            elif kind in ("image", "image_url"):
+                if m["role"] != "user":
+                    raise UnsupportedInputError(f"{where}: media belong in user turns")
+                image = part.get("image") if kind == "image" else part.get("image_url")
+                if kind == "image_url" and isinstance(image, dict):
+                    image = image.get("url")
+                if image is None:
+                    raise UnsupportedInputError(f"{where}: an {kind} part needs its {kind!r} field")
+                items.append(image)
+                parts.append({"type": "image"})
+            elif kind == "video":
+                if m["role"] != "user":
+                    raise UnsupportedInputError(f"{where}: media belong in user turns")
+                video = part.get("video")
+                items.append(video if isinstance(video, Video) else Video(video))
+                parts.append({"type": "video"})
+            else:
+                raise UnsupportedInputError(f"{where}: unknown part {part!r}; use text, image, image_url or video")
+        conversation.append({"role": m["role"], "content": parts})
+    return conversation, items

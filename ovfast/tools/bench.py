@@ -88,7 +88,8 @@ def _reset_peak(device: torch.device) -> None:
         torch.cuda.reset_peak_memory_stats(device)
 
 
-def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int):
+def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int,
+            max_batch_size: int = 1):
     """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights."""
     hf = None
     if model in PRESETS:
@@ -108,11 +109,12 @@ def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool,
         else:
             _log(f"random {model} weights on {device} ...")
             weights = random_state(config, dtype=dtype, device=device)
-        engine = load(path, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len, weights=weights)
+        engine = load(path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                      weights=weights)
         del weights
     else:
         path = model
-        engine = load(model, device=device, dtype=dtype, max_batch_size=1, max_seq_len=max_seq_len)
+        engine = load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
         if compare:
             from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -306,15 +308,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--no-transformers", action="store_true", help="ovfast only")
     p.add_argument("--out-dir", default="benchmarks/results")
+    from . import serving_bench
+
+    serving_bench.add_arguments(p)
     args = p.parse_args(argv)
+    if args.concurrency is not None:
+        return serving_bench.main(args)
     result = run(args)
-    out = Path(args.out_dir)
+    write_results(result, args.out_dir, f"{args.model}-{args.request}", markdown(result))
+    return 0
+
+
+def write_results(result: dict, out_dir: str, name: str, md: str) -> None:
+    """``out_dir/DATE-DEVICE-NAME.{json,md}``; the Markdown is printed too."""
+    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     slug = re.sub(r"[^A-Za-z0-9.]+", "-", result["device"]).strip("-").lower()
-    stem = str(out / f"{result['date']}-{slug}-{args.model}-{args.request}")
+    stem = str(out / f"{result['date']}-{slug}-{name}")
     Path(stem + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
     Path(stem + ".md").write_text(md)
     print(md)
     _log(f"wrote {stem}.json and .md")
-    return 0
