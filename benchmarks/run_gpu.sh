@@ -27,4 +27,7 @@ for model in 0.5b 7b; do
 done
 python -m ovfast bench --model 0.5b --request video32 --new-tokens 64 --repeat 2 --out-dir "$out" || status=1
 python -m ovfast bench --model 7b --request image10 --new-tokens 64 --repeat 2 --out-dir "$out" || status=1
+
+echo "== serving: 32 concurrent image clients against one at a time"
+python -m ovfast bench --model 0.5b --concurrency 32 --requests 96 --mix image:1 --new-tokens 128 --out-dir "$out" || status=1
 exit $status

@@ -1,4 +1,4 @@
-"""Command line: ``ovfast generate``, ``ovfast demo`` and ``ovfast build-checkpoint``."""
+"""Command line: ``ovfast generate``, ``serve``, ``bench``, ``demo`` and ``build-checkpoint``."""
 from __future__ import annotations
 
 import argparse
@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         from .tools.bench import main as bench_main
 
         return bench_main(argv[1:])
+    if argv[:1] == ["serve"]:  # its own parser too: ovfast serve --help
+        try:
+            from .server.main import main as serve_main
+        except ImportError as e:
+            print(f"ovfast serve needs the serve extra: pip install 'ovfast[serve]' ({e})", file=sys.stderr)
+            return 2
+        return serve_main(argv[1:])
     parser = argparse.ArgumentParser(prog="ovfast", description="Fast LLaVA-OneVision inference")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--no-weights", action="store_true", help="configs and tokenizer only")
     b.set_defaults(func=_build)
     sub.add_parser("bench", help="latency against transformers and the decode roofline (ovfast bench --help)")
+    sub.add_parser("serve", help="an OpenAI-compatible HTTP server (ovfast serve --help)")
 
     args = parser.parse_args(argv)
     try:
