@@ -234,3 +234,34 @@ def test_transformers_loads_every_tensor_the_builder_writes(checkpoint_dirs):
                     assert torch.equal(state[hf_key], handle.get_tensor(key).float()), (name, key)
                     n += 1
         assert n >= 60
+
+
+def test_checkpoint_saved_by_newest_transformers_loads(layouts, tmp_path):
+    """transformers >= 5.24 saves a model built from its config as ``vision_tower.embeddings...``
+    (no ``vision_model.`` level) beside ``vision_tower.post_layernorm``; a vision head may ride along.
+    ovfast loads it, skips what the feature path never reads (and says so), and matches transformers."""
+    from safetensors import safe_open
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    src = layouts["llava-hf"]
+    torch.manual_seed(11)
+    hf = LlavaOnevisionForConditionalGeneration(LlavaOnevisionConfig.from_pretrained(src)).eval()
+    out = _copy(src, tmp_path / "saved")
+    (out / "model.safetensors").unlink()
+    hf.save_pretrained(out)
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert any(k.startswith("vision_tower.embeddings.") for k in keys) and not any("vision_model" in k for k in keys)
+    tensors = load_file(out / "model.safetensors")
+    tensors["vision_tower.head.probe"] = torch.randn(4)
+    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    engine = _small(out, dtype="float32")
+    skipped = engine.info()["skipped_tensors"]
+    assert "vision_tower.head.probe" in skipped and "vision_tower.post_layernorm.weight" in skipped
+    image = ref.synthetic_image(150, 220, seed=5)
+    ids = ref.greedy(str(out), [image], "What is it?", 6)
+    assert engine.complete([image], "What is it?", max_new_tokens=6).token_ids == ids
+    unknown = {**tensors, "vision_tower.not_a_module.weight": torch.zeros(2)}
+    save_file(unknown, str(out / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(ovfast.ModelLoadError, match="does not know"):
+        _small(out)

@@ -10,7 +10,8 @@ from __future__ import annotations
 _TO_CANONICAL = (
     ("model.vision_tower.vision_model.", "vision."),  # transformers 4.52-4.x in-memory names
     ("vision_tower.vision_model.", "vision."),  # llava-hf on-disk (saved with 4.45)
-    ("model.vision_tower.", "vision."),  # transformers 5.x
+    ("model.vision_tower.", "vision."),  # transformers 5.x in memory
+    ("vision_tower.", "vision."),  # transformers >= 5.24 save_pretrained of a model built from its config
     ("language_model.model.", "lm."),  # llava-hf on-disk
     ("model.language_model.", "lm."),  # transformers 4.52+ and 5.x
     ("language_model.lm_head.", "lm_head."),  # llava-hf on-disk

@@ -49,8 +49,12 @@ def mapping_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, st
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Callable[[], torch.Tensor]]]) -> None:
+def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Callable[[], torch.Tensor]]]) -> list[str]:
     """Fill every parameter of ``model`` (already on its device and dtype) from (where, name, read) triples.
+
+    Returns the names of the tensors skipped because the model has them but the feature path
+    never reads them (vision head, post-layernorm, tower layers past the feature layer, a tied
+    head). Unknown tensors raise.
 
     ``model`` names its parameters itself (``LlavaOnevision.weight_destinations``), so this module
     needs no model code.
@@ -58,11 +62,14 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Calla
     dest = model.weight_destinations()
     loaded: set[str] = set()
     unexpected: list[str] = []
+    skipped: list[str] = []
     for where, key, read in tensors:
         canon = canonical_name(key)
         if canon is None or canon not in dest:
             if canon is None or not _skippable(canon, model):
                 unexpected.append(key)
+            else:
+                skipped.append(key)
             continue
         param, rows = dest[canon]
         target = param if rows is None else param[rows]
@@ -81,3 +88,4 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Calla
     missing = sorted(set(dest) - loaded)
     if missing:
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
+    return skipped

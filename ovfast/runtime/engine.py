@@ -121,7 +121,8 @@ class Engine:
             model = model.to(self.dtype).to_empty(device=self.device)
             if cfg.text.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
                 model.language_model.lm_head = model.language_model.embed_tokens
-            load_weights(model, mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files))
+            tensors = mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files)
+            self.skipped_tensors = load_weights(model, tensors)
             # One position past max_seq_len: the scratch position idle decode rows write to.
             cache_len = round_up(max_seq_len + 1, 16)
             model.language_model.set_max_positions(cache_len)
@@ -269,6 +270,7 @@ class Engine:
             "kv_cache_gib": self.cache.nbytes / 2**30,
             "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
             "max_queue": self.config.max_queue, "prefill_chunk": self.config.prefill_chunk,
+            "skipped_tensors": list(self.skipped_tensors),
         }
 
     def stats(self) -> dict:
