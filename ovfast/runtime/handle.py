@@ -120,26 +120,24 @@ class RequestHandle:
                 fut = self._wake_future()
             await fut
 
-    async def aprepared(self) -> None:
-        """``wait_prepared`` for asyncio: returns once preprocessed; raises its input error if it had one."""
+    async def _until(self, ready) -> None:
+        """Await ``ready()`` (checked under the lock); the request's error, if any, is raised first."""
         while True:
             with self._cond:
                 if self._error is not None:
                     raise self._error
-                if self._prepared:
+                if ready():
                     return
                 fut = self._wake_future()
             await fut
 
+    async def aprepared(self) -> None:
+        """``wait_prepared`` for asyncio: returns once preprocessed; raises its input error if it had one."""
+        await self._until(lambda: self._prepared)
+
     async def aresult(self) -> Completion:
-        while True:
-            with self._cond:
-                if self._error is not None:
-                    raise self._error
-                if self._completion is not None:
-                    return self._completion
-                fut = self._wake_future()
-            await fut
+        await self._until(lambda: self._completion is not None)
+        return self._completion
 
     def __repr__(self) -> str:
         state = "done" if self.done else ("cancelled" if self.cancelled else "running")

@@ -37,7 +37,6 @@ class ServerConfig:
     api_key: str | None = None
     max_request_bytes: int = 64 << 20
     media: MediaPolicy = field(default_factory=MediaPolicy)
-    load_options: dict = field(default_factory=dict)  # keyword arguments of ovfast.load
 
     @property
     def name(self) -> str:

@@ -61,7 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         api_key=args.api_key or os.environ.get("OVFAST_API_KEY"), max_request_bytes=args.max_request_bytes,
         media=MediaPolicy(tuple(args.allowed_media_domains), args.allowed_local_media_path, args.max_media_bytes,
                           args.media_timeout),
-        load_options=load_options,
     )
     server = Server(config, loader=lambda: load(args.model, **load_options))
     uv = _DrainingServer(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
