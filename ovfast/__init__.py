@@ -8,6 +8,7 @@ from .api import DEFAULT_MODEL, generate, get_engine
 from .errors import (
     ConfigError,
     ContextLengthError,
+    EmptyContinuationError,
     EmptyVideoError,
     EngineBusyError,
     EngineOverloadedError,
@@ -32,7 +33,7 @@ from .testing.random_checkpoint import build_checkpoint
 __version__ = "0.1.0"
 
 __all__ = [
-    "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyVideoError", "Engine",
+    "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyContinuationError", "EmptyVideoError", "Engine",
     "EngineBusyError", "EngineConfig", "EngineOverloadedError", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError", "MediaAccessError",
     "ModelLoadError", "OvfastError", "PlaceholderError", "RequestHandle", "Timings", "TokenLogprob", "TooManyImagesError",
     "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",

@@ -1,4 +1,4 @@
-"""Command line: ``ovfast generate``, ``serve``, ``bench``, ``demo`` and ``build-checkpoint``."""
+"""Command line: ``ovfast generate``, ``serve``, ``bench``, ``demo``, ``convert`` and ``build-checkpoint``."""
 from __future__ import annotations
 
 import argparse
@@ -35,7 +35,7 @@ def _frames(spec: str) -> list[str]:
 def _generate(args) -> int:
     from . import load
 
-    engine = load(args.model, device=args.device, dtype=args.dtype)
+    engine = load(args.model, device=args.device, dtype=args.dtype, semantics=args.semantics)
     items = list(args.image or []) + [_video(v, args.num_frames) for v in args.video or []]
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
               seed=args.seed, stop=args.stop, chat=not args.no_chat)
@@ -72,6 +72,14 @@ def _build(args) -> int:
     return 0
 
 
+def _convert(args) -> int:
+    from .tools.convert import convert
+
+    out = convert(args.src, args.dst, dtype=args.dtype, max_shard_bytes=int(args.max_shard_gb * 2**30), overwrite=args.force)
+    print(f"wrote the llava-hf layout of {args.src} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # its own parser: ovfast bench --help
@@ -105,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--no-chat", action="store_true", help="use the prompt verbatim (it holds the <image>/<video>)")
     g.add_argument("--device")
     g.add_argument("--dtype", help="float32, bfloat16 or float16")
+    g.add_argument("--semantics", choices=["original", "transformers"],
+                   help="whose reference to reproduce (default by checkpoint family: lmms-lab original, llava-hf transformers)")
     g.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
     g.set_defaults(func=_generate)
@@ -119,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--preset", default="tiny", choices=["tiny", "tiny-mha", "0.5b", "7b", "72b"])
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--dtype", default="float16", choices=["float16", "bfloat16", "float32"])
-    b.add_argument("--layout", default="llava-hf", choices=["llava-hf", "transformers5"])
+    b.add_argument("--layout", default="llava-hf", choices=["llava-hf", "transformers5", "lmms-lab"])
     b.add_argument("--no-weights", action="store_true", help="configs and tokenizer only")
     b.set_defaults(func=_build)
+    c = sub.add_parser("convert", help="rewrite an original lmms-lab checkpoint in the llava-hf layout")
+    c.add_argument("src", help="lmms-lab checkpoint: local directory or Hub id")
+    c.add_argument("dst", help="output directory (loads in transformers, vLLM and ovfast)")
+    c.add_argument("--dtype", choices=["float16", "bfloat16", "float32"], help="default: keep the checkpoint's")
+    c.add_argument("--max-shard-gb", type=float, default=5.0, help="largest weights file (default 5 GiB)")
+    c.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    c.set_defaults(func=_convert)
     sub.add_parser("bench", help="latency against transformers and the decode roofline (ovfast bench --help)")
     sub.add_parser("serve", help="an OpenAI-compatible HTTP server (ovfast serve --help)")
 

@@ -53,6 +53,10 @@ class ContextLengthError(InputError):
     """Prompt tokens plus max_new_tokens do not fit in the engine's context."""
 
 
+class EmptyContinuationError(InputError):
+    """A loglikelihood request whose continuation has no tokens: there is nothing to score."""
+
+
 class GenerationParamsError(InputError):
     """A sampling or stopping parameter is out of range."""
 

@@ -19,11 +19,13 @@ STAGES = {
     "errors": 0, "_C": 0,
     "checkpoint": 1,
     "ops": 2, "kernels": 2,  # ops dispatches to the kernels lazily; the kernels call ops' references
+    "distributed": 2,  # the tensor-parallel plan and collectives the sharded decoder calls
     "models": 3, "inputs": 3,  # siblings: neither imports the other
     "runtime": 4, "testing": 4,  # siblings too: the engine never imports the test support
     "api": 5,
     "tools": 6,  # bench and demo use the public API
     "server": 6,  # `ovfast serve`: the HTTP layer over the runtime
+    "integrations": 6,  # adapters for other tools (lmms-eval) over the runtime
     "cli": 7, "__init__": 7, "__main__": 7,
 }
 SIBLINGS_APART = [("models", "inputs"), ("runtime", "testing")]

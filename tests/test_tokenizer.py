@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from transformers.utils.chat_template_utils import render_jinja_template
 
 from ovfast.checkpoint.tokenizer import ChatTemplate
-from ovfast.testing.random_checkpoint import LLAVA_OV_CHAT_TEMPLATE
+from ovfast.checkpoint.prompts import LLAVA_OV_CHAT_TEMPLATE
 from ovfast.testing.random_tokenizer import SPECIAL_TOKENS, build_tokenizer
 
 TEXTS = [

@@ -8,8 +8,9 @@ from pathlib import Path
 
 from ..errors import ModelLoadError
 
-# What a hub download fetches: configs, templates, tokenizer and safetensors weights (no .bin, no .pt).
-_HUB_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "chat_template*"]
+# What a hub download fetches: configs, templates, tokenizer (tokenizer.json, or vocab.json + merges.txt)
+# and safetensors weights (no .bin, no .pt).
+_HUB_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "chat_template*", "merges.txt"]
 
 
 @dataclass
@@ -19,7 +20,7 @@ class Checkpoint:
     generation_config: dict
     preprocessor_config: dict
     tokenizer_config: dict
-    tokenizer_file: Path
+    tokenizer_file: Path | None  # tokenizer.json; None: the directory has vocab.json + merges.txt instead
     chat_template: str | None
     weight_files: list[Path]
 
@@ -51,17 +52,15 @@ def resolve(model: str | os.PathLike) -> Path:
         raise ModelLoadError(
             f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Without network access, pass a local directory in the Hugging Face layout (config.json, "
-            "model.safetensors, tokenizer.json, preprocessor_config.json, chat template), for example one "
-            "downloaded elsewhere, or build a random-weight test model with `ovfast.build_checkpoint(dir)`."
+            "model.safetensors, tokenizer.json or vocab.json + merges.txt, preprocessor_config.json, "
+            "chat template), for example one downloaded elsewhere, or build a random-weight test model with `ovfast.build_checkpoint(dir)`."
         ) from e
 
 
 def open_checkpoint(model: str | os.PathLike, need_weights: bool = True) -> Checkpoint:
     path = resolve(model)
     config = _read_json(path / "config.json", required=True)
-    tokenizer_file = path / "tokenizer.json"
-    if not tokenizer_file.is_file():
-        raise ModelLoadError(f"{path} has no tokenizer.json (ovfast reads the fast-tokenizer file)")
+    tokenizer_file = find_tokenizer_file(path)
     tokenizer_config = _read_json(path / "tokenizer_config.json")
     return Checkpoint(
         path=path,
@@ -72,6 +71,23 @@ def open_checkpoint(model: str | os.PathLike, need_weights: bool = True) -> Chec
         tokenizer_file=tokenizer_file,
         chat_template=_chat_template(path, tokenizer_config),
         weight_files=_weight_files(path) if need_weights else [],
+    )
+
+
+def find_tokenizer_file(path: Path) -> Path | None:
+    """``path``'s tokenizer.json, or None when it has the slow files (vocab.json + merges.txt) instead.
+
+    Load the tokenizer with ``checkpoint.tokenizer.Tokenizer.from_checkpoint``, which reads either.
+    """
+    tokenizer_file = path / "tokenizer.json"
+    if tokenizer_file.is_file():
+        return tokenizer_file
+    if (path / "vocab.json").is_file() and (path / "merges.txt").is_file():
+        return None
+    missing = [n for n in ("vocab.json", "merges.txt") if not (path / n).is_file()]
+    raise ModelLoadError(
+        f"{path} has no tokenizer: ovfast reads tokenizer.json, or vocab.json + merges.txt "
+        f"(there is no tokenizer.json and no {' and no '.join(missing)})"
     )
 
 

@@ -2,12 +2,14 @@
 
 Canonical names drop the wrappers that differ between transformers versions:
 ``lm.`` (the Qwen2 model), ``lm_head.``, ``projector.``, ``image_newline`` and ``vision.`` (the
-SigLIP vision model). See REFERENCE.md section 2 for the layouts.
+SigLIP vision model). See REFERENCE.md section 2 for the layouts: llava-hf on disk, transformers
+4.52+ and 5.x in memory, transformers >= 5.24 saves, and the original lmms-lab names.
 """
 from __future__ import annotations
 
 # (on-disk prefix, canonical prefix), longest first so the most specific prefix wins.
 _TO_CANONICAL = (
+    ("model.vision_tower.vision_tower.vision_model.", "vision."),  # lmms-lab originals (LLaVA-NeXT)
     ("model.vision_tower.vision_model.", "vision."),  # transformers 4.52-4.x in-memory names
     ("vision_tower.vision_model.", "vision."),  # llava-hf on-disk (saved with 4.45)
     ("model.vision_tower.", "vision."),  # transformers 5.x in memory
@@ -20,6 +22,9 @@ _TO_CANONICAL = (
     ("multi_modal_projector.", "projector."),
     ("model.image_newline", "image_newline"),
     ("image_newline", "image_newline"),
+    ("model.mm_projector.0.", "projector.linear_1."),  # lmms-lab: Sequential(Linear, GELU, Linear)
+    ("model.mm_projector.2.", "projector.linear_2."),
+    ("model.", "lm."),  # lmms-lab: the Qwen2 model itself (embed_tokens, layers, norm); last, as the catch-all
 )
 
 # Canonical prefix -> on-disk prefix, per layout the random-checkpoint builder can write.
@@ -38,6 +43,15 @@ LAYOUTS = {
         "lm.": "model.language_model.",
         "lm_head.": "lm_head.",
         "projector.": "model.multi_modal_projector.",
+        "image_newline": "model.image_newline",
+    },
+    # The original lmms-lab checkpoints (LlavaQwenForCausalLM, saved by LLaVA-NeXT).
+    "lmms-lab": {
+        "vision.": "model.vision_tower.vision_tower.vision_model.",
+        "lm.": "model.",
+        "lm_head.": "lm_head.",
+        "projector.linear_1.": "model.mm_projector.0.",
+        "projector.linear_2.": "model.mm_projector.2.",
         "image_newline": "model.image_newline",
     },
 }

@@ -21,17 +21,20 @@ from .weight_names import canonical_name
 _IGNORED = re.compile(r"^(vision\.post_layernorm\.|vision\.head\.|lm\.layers\.\d+\.self_attn\.rotary_emb\.)")
 
 
-def _skippable(canon: str, model: torch.nn.Module) -> bool:
+def feature_path_skips(canon: str, cfg, tower_layers: int) -> bool:
+    """True for a tensor the model has but the feature path never reads: the vision head and
+    post-layernorm, tower layers from ``tower_layers`` on (past the feature layer), a tied head."""
     if _IGNORED.match(canon):
         return True
-    if canon == "lm_head.weight" and model.cfg.text.tie_word_embeddings:
+    if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
         return True  # tied: transformers uses embed_tokens and ignores a stored head
     m = re.match(r"^vision\.encoder\.layers\.(\d+)\.", canon)
-    return bool(m) and int(m.group(1)) >= len(model.vision_tower.layers)  # layers past the feature layer
+    return bool(m) and int(m.group(1)) >= tower_layers
 
 
-def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
-    """(where, name, read) for every tensor of the files; ``read`` loads that one tensor only."""
+def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[..., torch.Tensor]]]:
+    """(where, name, read) for every tensor of the files; ``read(index=None)`` loads that one tensor
+    only, or only ``index`` of it (a tuple of slices: a tensor-parallel rank's share)."""
     for f in files:
         try:
             handle = safe_open(str(f), framework="pt", device="cpu")
@@ -39,44 +42,48 @@ def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[
             raise ModelLoadError(f"cannot read weights file {f}: {e}") from e
         with handle:
             for key in handle.keys():
-                yield f.name, key, functools.partial(handle.get_tensor, key)
+                yield f.name, key, functools.partial(_read_slice, handle, key)
 
 
-def mapping_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, str, Callable[[], torch.Tensor]]]:
+def _read_slice(handle, key: str, index: tuple | None = None) -> torch.Tensor:
+    return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+
+
+def mapping_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, str, Callable[..., torch.Tensor]]]:
     """The same for in-memory tensors (a transformers state_dict, or ``random_checkpoint.random_state``)."""
     for key, tensor in state.items():
-        yield "state dict", key, (lambda t=tensor: t)
+        yield "state dict", key, (lambda index=None, t=tensor: t if index is None else t[index])
 
 
 @torch.no_grad()
-def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Callable[[], torch.Tensor]]]) -> list[str]:
-    """Fill every parameter of ``model`` (already on its device and dtype) from (where, name, read) triples.
+def load_weights(destinations: dict, tensors: Iterable[tuple[str, str, Callable[..., torch.Tensor]]],
+                 skip: Callable[[str], bool]) -> list[str]:
+    """Fill every destination from (where, name, read) triples.
 
-    Returns the names of the tensors skipped because the model has them but the feature path
-    never reads them (vision head, post-layernorm, tower layers past the feature layer, a tied
-    head). Unknown tensors raise.
-
-    ``model`` names its parameters itself (``LlavaOnevision.weight_destinations``), so this module
-    needs no model code.
+    ``destinations`` maps canonical names to (parameter already on its device and dtype, row
+    slice of it or None, index into the checkpoint tensor or None): the model names them itself
+    (``LlavaOnevision.weight_destinations``), so this module needs no model code. Tensors with
+    no destination for which ``skip(canonical name)`` holds are skipped unread (the feature path
+    never reads them, or another rank holds them) and their names returned; unknown tensors raise.
     """
-    dest = model.weight_destinations()
     loaded: set[str] = set()
     unexpected: list[str] = []
     skipped: list[str] = []
     for where, key, read in tensors:
         canon = canonical_name(key)
-        if canon is None or canon not in dest:
-            if canon is None or not _skippable(canon, model):
+        if canon is None or canon not in destinations:
+            if canon is None or not skip(canon):
                 unexpected.append(key)
             else:
                 skipped.append(key)
             continue
-        param, rows = dest[canon]
+        param, rows, index = destinations[canon]
         target = param if rows is None else param[rows]
-        tensor = read()
+        tensor = read(index)
         if tuple(tensor.shape) != tuple(target.shape):
+            part = "" if index is None else " (this rank's slice)"
             raise ModelLoadError(
-                f"{where}: {key} has shape {tuple(tensor.shape)}, config.json implies {tuple(target.shape)}"
+                f"{where}: {key} has shape {tuple(tensor.shape)}{part}, config.json implies {tuple(target.shape)}"
             )
         target.copy_(tensor)  # casts (e.g. fp16 on disk -> bf16) and moves to the device
         loaded.add(canon)
@@ -85,7 +92,7 @@ def load_weights(model: torch.nn.Module, tensors: Iterable[tuple[str, str, Calla
             f"the checkpoint has {len(unexpected)} tensors ovfast does not know, e.g. {unexpected[:3]}; "
             "is it a LLaVA-OneVision checkpoint in the Hugging Face layout?"
         )
-    missing = sorted(set(dest) - loaded)
+    missing = sorted(set(destinations) - loaded)
     if missing:
         raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[:3]}")
     return skipped

@@ -39,17 +39,21 @@ def centred_padding(inner: int, outer: int) -> tuple[int, int]:
     return before, outer - inner - before
 
 
-def unpad_crop(height: int, width: int, map_h: int, map_w: int) -> tuple[int, int, int, int]:
+def unpad_crop(height: int, width: int, map_h: int, map_w: int, truncate: bool = False) -> tuple[int, int, int, int]:
     """Rows [r0, r1) and columns [c0, c1) of the (map_h, map_w) feature map that hold the image.
 
     transformers rounds to 7 decimals before truncating; the original LLaVA-NeXT code truncates
-    directly, which gives different token counts for some sizes (REFERENCE.md section 11, row 4).
+    directly (``truncate``), which gives different token counts for some sizes (REFERENCE.md
+    section 11, row 4).
     """
+    def floor(x: float) -> int:
+        return int(x) if truncate else int(round(x, 7))
+
     if width / height > map_w / map_h:
-        new_h = int(round(height * (map_w / width), 7))
+        new_h = floor(height * (map_w / width))
         pad = (map_h - new_h) // 2
         return pad, map_h - pad, 0, map_w
-    new_w = int(round(width * (map_h / height), 7))
+    new_w = floor(width * (map_h / height))
     pad = (map_w - new_w) // 2
     return 0, map_h, pad, map_w - pad
 
@@ -62,11 +66,12 @@ def downscaled_size(rows: int, cols: int, grid: int, max_num_patches: int) -> tu
     return None
 
 
-def anyres_layout(height: int, width: int, pinpoints, tile: int, grid: int, max_num_patches: int) -> dict:
+def anyres_layout(height: int, width: int, pinpoints, tile: int, grid: int, max_num_patches: int,
+                  truncate: bool = False) -> dict:
     """Everything about one single-image (anyres) item: canvas, tile grid, kept map and token count."""
     canvas_h, canvas_w = select_best_resolution(height, width, pinpoints)
     grid_h, grid_w = canvas_h // tile, canvas_w // tile
-    r0, r1, c0, c1 = unpad_crop(height, width, grid * grid_h, grid * grid_w)
+    r0, r1, c0, c1 = unpad_crop(height, width, grid * grid_h, grid * grid_w, truncate)
     rows, cols = r1 - r0, c1 - c0
     target = downscaled_size(rows, cols, grid, max_num_patches)
     out_rows, out_cols = target if target else (rows, cols)
@@ -79,9 +84,17 @@ def anyres_layout(height: int, width: int, pinpoints, tile: int, grid: int, max_
     }
 
 
-def anyres_num_tokens(height: int, width: int, pinpoints, tile: int = 384, grid: int = 27, max_num_patches: int = 9) -> int:
+def anyres_num_tokens(height: int, width: int, pinpoints, tile: int = 384, grid: int = 27, max_num_patches: int = 9,
+                      truncate: bool = False) -> int:
     """Placeholder tokens of one image alone in its prompt: base tile, unpadded grid and one newline per row."""
-    return anyres_layout(height, width, pinpoints, tile, grid, max_num_patches)["num_tokens"]
+    return anyres_layout(height, width, pinpoints, tile, grid, max_num_patches, truncate)["num_tokens"]
+
+
+def image_layout(height: int, width: int, model, tile: int) -> dict:
+    """``anyres_layout`` of an image for a model (a ``ModelConfig``): its pinpoints, grid, anyres_max_N
+    and unpad rounding (truncation under the original semantics)."""
+    return anyres_layout(height, width, model.grid_pinpoints, tile, model.vision.grid, model.max_num_patches,
+                         truncate=model.semantics == "original")
 
 
 def multi_image_num_tokens(grid: int = 27) -> int:

@@ -39,7 +39,7 @@ def device_tiles(pixels: torch.Tensor | list[torch.Tensor], kind: str, model: Mo
     if kind != "image":
         raise ValueError(f"unknown item kind {kind!r}; expected 'image', 'image_multi' or 'video'")
     h, w = pixels.shape[:2]
-    layout = anyres.anyres_layout(h, w, model.grid_pinpoints, proc.tile, model.vision.grid, model.max_num_patches)
+    layout = anyres.image_layout(h, w, model, proc.tile)
     new_h, new_w = anyres.fit_in_canvas(h, w, *layout["canvas"])
     return kernels.anyres_tile(pixels, *layout["grid"], new_h, new_w, tile=proc.tile, pad_value=0)
 

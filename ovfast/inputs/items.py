@@ -39,7 +39,7 @@ class OpenedItem:
         fast = self.proc.resample == PIL.Image.Resampling.BICUBIC and native.enabled()  # csrc/ has BICUBIC only
         model, proc = self.model, self.proc
         if self.kind == "video":
-            frames = self.source.pixel_frames()
+            frames = self._frames()
             if fast:
                 return native.video_tiles(frames, model, proc)
             return video_tiles([composite(f) for f in frames], model, proc)
@@ -48,10 +48,13 @@ class OpenedItem:
                 composite(self.source), model, proc)
         return native.anyres_tiles(self.source, model, proc) if fast else anyres_tiles(composite(self.source), model, proc)
 
+    def _frames(self) -> list[Pixels]:
+        return [_colour(f, self.model) for f in self.source.pixel_frames()]
+
     def _untiled(self) -> VisualItem:
         rgb = native.to_rgb if native.enabled() else composite
         if self.kind == "video":
-            return VisualItem("video", None, self.num_tokens, rgb=[rgb(f) for f in self.source.pixel_frames()])
+            return VisualItem("video", None, self.num_tokens, rgb=[rgb(f) for f in self._frames()])
         image = rgb(self.source)
         if self.kind == "image_multi":
             return VisualItem("image_multi", None, self.num_tokens, rgb=[image])
@@ -63,9 +66,14 @@ def open_item(item, n_images: int, model: ModelConfig, proc: ProcessingConfig) -
     g = model.vision.grid
     if isinstance(item, Video):
         return OpenedItem("video", item, anyres.video_num_tokens(item.num_frames, g), None, model, proc)
-    pixels = decode(item)
+    pixels = _colour(decode(item), model)
     if n_images > 1:
         return OpenedItem("image_multi", pixels, anyres.multi_image_num_tokens(g), None, model, proc)
     h, w = pixels.shape[:2]
-    layout = anyres.anyres_layout(h, w, model.grid_pinpoints, proc.tile, g, model.max_num_patches)
+    layout = anyres.image_layout(h, w, model, proc.tile)
     return OpenedItem("image", pixels, layout["num_tokens"], layout, model, proc)
+
+
+def _colour(pixels: Pixels, model: ModelConfig) -> Pixels:
+    """Alpha as the semantics has it: dropped (original) or composited onto white later (transformers)."""
+    return pixels.without_alpha() if model.semantics == "original" else pixels

@@ -59,6 +59,13 @@ class Pixels:
     def shape(self) -> tuple[int, ...]:
         return self.array.shape
 
+    def without_alpha(self) -> "Pixels":
+        """The colour channels alone: PIL's ``.convert("RGB")`` of an RGBA image, as the original
+        LLaVA-NeXT code loads images (transformers composites onto white instead)."""
+        if self.array.shape[-1] != 4:
+            return self
+        return Pixels(np.ascontiguousarray(self.array[..., :3]), self.alpha)
+
 
 class Video:
     """A video item: decoded frames, or a video file (path or bytes) sampled and decoded with PyAV.

@@ -79,7 +79,7 @@ def resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarra
 
 def anyres_geometry(h: int, w: int, model: ModelConfig, proc: ProcessingConfig) -> tuple[dict, tuple[int, int], tuple[int, int]]:
     """(anyres layout, resized (new_h, new_w), its (top, left) on the canvas) of an h x w image."""
-    layout = anyres.anyres_layout(h, w, model.grid_pinpoints, proc.tile, model.vision.grid, model.max_num_patches)
+    layout = anyres.image_layout(h, w, model, proc.tile)
     canvas_h, canvas_w = layout["canvas"]
     new_h, new_w = anyres.fit_in_canvas(h, w, canvas_h, canvas_w)
     top, _ = anyres.centred_padding(new_h, canvas_h)

@@ -15,12 +15,13 @@ from torch import nn
 
 from .. import ops
 from ..checkpoint.config import ModelConfig
+from ..distributed import ShardPlan, TensorParallel
 from .qwen2 import Qwen2ForCausalLM
 from .siglip import SiglipVisionTower
 
 
 class LlavaOnevision(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, plan: ShardPlan | None = None, tp: TensorParallel | None = None):
         super().__init__()
         self.cfg = cfg
         d, e = cfg.text.hidden_size, cfg.vision.hidden_size
@@ -30,7 +31,7 @@ class LlavaOnevision(nn.Module):
         self.projector_b1 = nn.Parameter(torch.empty(d)) if cfg.projector_bias else None
         self.projector_b2 = nn.Parameter(torch.empty(d)) if cfg.projector_bias else None
         self.image_newline = nn.Parameter(torch.empty(d))
-        self.language_model = Qwen2ForCausalLM(cfg.text)
+        self.language_model = Qwen2ForCausalLM(cfg.text, plan, tp)  # rank 0's share under tensor parallelism
 
     def encode_tiles(self, pixels: torch.Tensor, chunk: int = 16, scale: torch.Tensor | None = None,
                      shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -79,8 +80,9 @@ class LlavaOnevision(nn.Module):
         pooled = ops.bilinear_resize(feats.view(f, g, g, d), side, side)
         return torch.cat((pooled.reshape(-1, d), self.image_newline.to(feats.dtype)[None]))
 
-    def weight_destinations(self) -> dict[str, tuple[torch.Tensor, slice | None]]:
-        """Canonical tensor name (``checkpoint.weight_names``) -> (parameter, row slice of it or None)."""
+    def weight_destinations(self) -> dict[str, tuple[torch.Tensor, slice | None, tuple | None]]:
+        """Canonical tensor name (``checkpoint.weight_names``) -> (parameter, row slice of it or None,
+        index into the checkpoint tensor or None); the decoder's come from ``Qwen2ForCausalLM``."""
         cfg = self.cfg
         dest: dict[str, tuple[torch.Tensor, slice | None]] = {}
         tower = self.vision_tower
@@ -109,21 +111,6 @@ class LlavaOnevision(nn.Module):
             dest["projector.linear_2.bias"] = (self.projector_b2, None)
         dest["image_newline"] = (self.image_newline, None)
 
-        lm, t = self.language_model, cfg.text
-        q, kv, inter = t.num_heads * t.head_dim, t.num_kv_heads * t.head_dim, t.intermediate_size
-        dest["lm.embed_tokens.weight"] = (lm.embed_tokens, None)
-        dest["lm.norm.weight"] = (lm.norm, None)
-        if not t.tie_word_embeddings:
-            dest["lm_head.weight"] = (lm.lm_head, None)
-        for i, layer in enumerate(lm.layers):
-            pre = f"lm.layers.{i}."
-            for proj, rows in (("q_proj", slice(0, q)), ("k_proj", slice(q, q + kv)), ("v_proj", slice(q + kv, q + 2 * kv))):
-                dest[pre + f"self_attn.{proj}.weight"] = (layer.qkv_weight, rows)
-                dest[pre + f"self_attn.{proj}.bias"] = (layer.qkv_bias, rows)
-            dest[pre + "self_attn.o_proj.weight"] = (layer.o_weight, None)
-            dest[pre + "mlp.gate_proj.weight"] = (layer.gate_up_weight, slice(0, inter))
-            dest[pre + "mlp.up_proj.weight"] = (layer.gate_up_weight, slice(inter, 2 * inter))
-            dest[pre + "mlp.down_proj.weight"] = (layer.down_weight, None)
-            dest[pre + "input_layernorm.weight"] = (layer.input_layernorm, None)
-            dest[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm, None)
+        dest = {name: (param, rows, None) for name, (param, rows) in dest.items()}
+        dest.update(self.language_model.weight_destinations())
         return dest

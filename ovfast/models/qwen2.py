@@ -14,6 +14,7 @@ from torch import nn
 
 from .. import ops
 from ..checkpoint.config import TextConfig
+from ..distributed import ShardPlan, TensorParallel, plan_shards
 
 
 @dataclass
@@ -61,18 +62,23 @@ class ForwardBatch:
 
 
 class Qwen2DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """One decoder layer, or this rank's share of it: ``plan``'s query heads, key/value heads and
+    MLP columns. Column-parallel q/k/v and gate/up, row-parallel o and down, one all-reduce after
+    each of the two (Megatron); with one rank the plan is everything and nothing is reduced."""
+
+    def __init__(self, cfg: TextConfig, plan: ShardPlan, tp: TensorParallel | None = None):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.cfg = cfg
-        self.q_size, self.kv_size = cfg.num_heads * hd, cfg.num_kv_heads * hd
+        self.cfg, self.tp = cfg, tp
+        self.heads, self.kv_heads, inter = len(plan.q_heads), len(plan.kv_heads), len(plan.intermediate)
+        self.q_size, self.kv_size = self.heads * hd, self.kv_heads * hd
         self.input_layernorm = nn.Parameter(torch.empty(d))
         self.qkv_weight = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size, d))
         self.qkv_bias = nn.Parameter(torch.empty(self.q_size + 2 * self.kv_size))
         self.o_weight = nn.Parameter(torch.empty(d, self.q_size))
         self.post_attention_layernorm = nn.Parameter(torch.empty(d))
-        self.gate_up_weight = nn.Parameter(torch.empty(2 * cfg.intermediate_size, d))
-        self.down_weight = nn.Parameter(torch.empty(d, cfg.intermediate_size))
+        self.gate_up_weight = nn.Parameter(torch.empty(2 * inter, d))
+        self.down_weight = nn.Parameter(torch.empty(d, inter))
 
     def forward(
         self, h: torch.Tensor, residual: torch.Tensor | None, batch: ForwardBatch,
@@ -86,9 +92,9 @@ class Qwen2DecoderLayer(nn.Module):
         qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         n = h.shape[0]
-        q = q.view(n, cfg.num_heads, cfg.head_dim)
-        k = k.view(n, cfg.num_kv_heads, cfg.head_dim)
-        v = v.view(n, cfg.num_kv_heads, cfg.head_dim)
+        q = q.view(n, self.heads, cfg.head_dim)
+        k = k.view(n, self.kv_heads, cfg.head_dim)
+        v = v.view(n, self.kv_heads, cfg.head_dim)
         ops.rope(q, k, batch.positions, cos_sin)
         k_cache[batch.slots, batch.positions] = k
         v_cache[batch.slots, batch.positions] = v
@@ -99,35 +105,57 @@ class Qwen2DecoderLayer(nn.Module):
             attn = ops.attention_prefill(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale)
         else:
             attn = ops.attention_decode(q, k_cache, v_cache, batch.seq_lens, scale=scale)
-        h = F.linear(attn.reshape(n, self.q_size), self.o_weight)
+        h = self._reduce(F.linear(attn.reshape(n, self.q_size), self.o_weight))
         x, residual = ops.rms_norm(h, self.post_attention_layernorm, cfg.rms_norm_eps, residual)
-        h = F.linear(ops.silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight)
+        h = self._reduce(F.linear(ops.silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight))
         return h, residual
+
+    def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
+        return partial if self.tp is None else self.tp.all_reduce(partial)
 
 
 class Qwen2ForCausalLM(nn.Module):
-    def __init__(self, cfg: TextConfig):
+    """The decoder, or this rank's share of it (see ``ovfast.distributed.plan``): vocabulary-parallel
+    embedding and lm_head over the padded vocabulary, sharded layers, replicated norms."""
+
+    def __init__(self, cfg: TextConfig, plan: ShardPlan | None = None, tp: TensorParallel | None = None):
         super().__init__()
-        self.cfg = cfg
-        self.embed_tokens = nn.Parameter(torch.empty(cfg.vocab_size, cfg.hidden_size))
-        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.cfg, self.tp = cfg, tp
+        self.plan = plan = plan or plan_shards(cfg)
+        rows = len(plan.vocab)
+        self.embed_tokens = nn.Parameter(torch.empty(rows, cfg.hidden_size))
+        self.layers = nn.ModuleList(Qwen2DecoderLayer(cfg, plan, tp) for _ in range(cfg.num_layers))
         self.norm = nn.Parameter(torch.empty(cfg.hidden_size))
-        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else nn.Parameter(
-            torch.empty(cfg.vocab_size, cfg.hidden_size)
-        )
+        self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else nn.Parameter(torch.empty(rows, cfg.hidden_size))
         self.register_buffer("cos_sin", torch.empty(0), persistent=False)
+
+    def tie_and_zero_padding(self) -> None:
+        """After ``to_empty``: tie the head again and zero the padding rows past the real vocabulary."""
+        if self.cfg.tie_word_embeddings:
+            self.lm_head = self.embed_tokens
+        pad = len(self.plan.vocab) - len(self.plan.vocab_rows)
+        with torch.no_grad():
+            for w in {id(self.embed_tokens): self.embed_tokens, id(self.lm_head): self.lm_head}.values():
+                if pad:
+                    w[len(w) - pad:].zero_()
 
     def set_max_positions(self, n: int) -> None:
         """Precompute the RoPE table for positions 0..n-1 (fp32, on the model's device)."""
         self.cos_sin = ops.rope_cos_sin_cache(self.cfg.head_dim, self.cfg.rope_theta, n, device=self.embed_tokens.device)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return F.embedding(ids, self.embed_tokens)
+        if self.tp is None:
+            return F.embedding(ids, self.embed_tokens)
+        # Vocabulary-parallel: each rank looks up the ids in its rows, zeros elsewhere, and the sum is the row.
+        local = ids - self.plan.vocab.start
+        mine = (local >= 0) & (local < len(self.plan.vocab))
+        h = F.embedding(torch.where(mine, local, 0), self.embed_tokens) * mine[:, None].to(self.embed_tokens.dtype)
+        return self.tp.all_reduce(h)
 
     def forward(self, h: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """h (T, D) input embeddings -> (T, D) final-normed hidden states; writes the cache in place.
 
-        k_cache and v_cache are (layers, slots, max_len, kv_heads, head_dim).
+        k_cache and v_cache are (layers, slots, max_len, kv_heads, head_dim) (this rank's kv heads).
         """
         residual = None
         for i, layer in enumerate(self.layers):
@@ -136,5 +164,43 @@ class Qwen2ForCausalLM(nn.Module):
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """fp32 logits over the (padded) vocabulary."""
-        return F.linear(h, self.lm_head).float()
+        """fp32 logits over the (padded) vocabulary; under tensor parallelism gathered from every rank."""
+        x = F.linear(h, self.lm_head)
+        if self.tp is not None:
+            x = self.tp.gather_columns(x)[:, : self.cfg.vocab_size]
+        return x.float()
+
+    def weight_destinations(self) -> dict[str, tuple[torch.Tensor, slice | None, tuple | None]]:
+        """Canonical name -> (parameter, its row slice or None, the index into the checkpoint tensor
+        this rank reads, or None for all of it). Each rank reads only its own slices."""
+        t, p = self.cfg, self.plan
+        hd = t.head_dim
+        full = p.size == 1
+
+        def rows(r: range, scale: int = 1) -> tuple | None:
+            return None if full else (slice(r.start * scale, r.stop * scale),)
+
+        def cols(r: range) -> tuple | None:
+            return None if full else (slice(None), slice(r.start, r.stop))
+
+        q, kv, inter = self.layers[0].q_size if self.layers else 0, len(p.kv_heads) * hd, len(p.intermediate)
+        vocab = p.vocab_rows
+        vocab_index = None if full else (slice(vocab.start, vocab.stop),)
+        dest = {"lm.embed_tokens.weight": (self.embed_tokens, slice(0, len(vocab)), vocab_index),
+                "lm.norm.weight": (self.norm, None, None)}
+        if not t.tie_word_embeddings:
+            dest["lm_head.weight"] = (self.lm_head, slice(0, len(vocab)), vocab_index)
+        for i, layer in enumerate(self.layers):
+            pre = f"lm.layers.{i}."
+            for proj, where, heads in (("q_proj", slice(0, q), p.q_heads), ("k_proj", slice(q, q + kv), p.kv_heads),
+                                       ("v_proj", slice(q + kv, q + 2 * kv), p.kv_heads)):
+                dest[pre + f"self_attn.{proj}.weight"] = (layer.qkv_weight, where, rows(heads, hd))
+                dest[pre + f"self_attn.{proj}.bias"] = (layer.qkv_bias, where, rows(heads, hd))
+            dest[pre + "self_attn.o_proj.weight"] = (layer.o_weight, None, None if full else
+                                                     (slice(None), slice(p.q_heads.start * hd, p.q_heads.stop * hd)))
+            dest[pre + "mlp.gate_proj.weight"] = (layer.gate_up_weight, slice(0, inter), rows(p.intermediate))
+            dest[pre + "mlp.up_proj.weight"] = (layer.gate_up_weight, slice(inter, 2 * inter), rows(p.intermediate))
+            dest[pre + "mlp.down_proj.weight"] = (layer.down_weight, None, cols(p.intermediate))
+            dest[pre + "input_layernorm.weight"] = (layer.input_layernorm, None, None)
+            dest[pre + "post_attention_layernorm.weight"] = (layer.post_attention_layernorm, None, None)
+        return dest

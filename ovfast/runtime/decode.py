@@ -25,6 +25,7 @@ import time
 
 import torch
 
+from ..distributed import TensorParallel
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
 from ..ops.backends import kernel_for
 from . import sampling
@@ -50,8 +51,17 @@ def _decode_attention_is_a_kernel(device: torch.device, dtype: torch.dtype, head
 
 
 class DecodeRunner:
-    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, scratch: int):
-        self.lm, self.cache, self.device = lm, cache, device
+    """The decode step of one engine; under tensor parallelism, of one rank (``tp``).
+
+    Rank 0 announces each step (and each capture) to the workers and broadcasts the step's
+    inputs (tokens, positions, which rows are active) at its start, inside the graph; every rank
+    then runs the same sharded forward pass and gathers the logits; only rank 0 chooses tokens.
+    """
+
+    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, scratch: int,
+                 tp: TensorParallel | None = None):
+        self.lm, self.cache, self.device, self.tp = lm, cache, device, tp
+        self.worker = tp is not None and tp.rank > 0
         if not 0 <= scratch < cache.max_len:
             raise ValueError(f"scratch position {scratch} is outside the cache's {cache.max_len} positions")
         self.scratch = scratch
@@ -79,6 +89,7 @@ class DecodeRunner:
         k = min(sampling.MAX_LOGPROBS, vocab)
         self.top_logprobs = torch.zeros(n, k, **f32)
         self.top_ids = torch.zeros(n, k, **long)
+        self._step_inputs = torch.zeros(3 * n, **long)  # tensor parallelism: tokens, positions, active, broadcast
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_ms = 0.0
         self.use_graphs = (
@@ -146,6 +157,8 @@ class DecodeRunner:
         ``sampling``: the general variant (needed when any row samples, is penalised or wants
         log-probabilities)."""
         b = self.bucket(rows)
+        if self.tp is not None and not self.worker:
+            self.tp.send(("decode", {"rows": rows, "general": sampling}))
         if not self.use_graphs:
             self._forward(b, sampling)
         else:
@@ -156,6 +169,8 @@ class DecodeRunner:
     def capture_all(self) -> float:
         """Capture every bucket in both variants now (largest first); returns the milliseconds spent."""
         if self.use_graphs:
+            if self.tp is not None and not self.worker:
+                self.tp.send(("capture", {}))
             for b in reversed(self.buckets):
                 for variant in (False, True):
                     if (b, variant) not in self.graphs:
@@ -166,9 +181,13 @@ class DecodeRunner:
     def _forward(self, b: int, general: bool) -> None:
         lm = self.lm
         tokens, positions, active = self.tokens[:b], self.positions[:b], self.active[:b]
+        if self.tp is not None:
+            self._share_inputs(tokens, positions, active)
         self.seq_lens[:b].copy_(torch.where(active, positions + 1, 0))
         batch = ForwardBatch(positions=positions, slots=self.slots[:b], seq_lens=self.seq_lens[:b])
         logits = lm.logits(lm(lm.embed(tokens), batch, self.cache.k, self.cache.v))
+        if self.worker:  # rank 0 chooses; a worker's part ends with the logits gather
+            return
         nxt = self.choose(logits, slice(0, b), positions, general)
         self.out[:b].copy_(nxt)
         tokens.copy_(torch.where(active, nxt, tokens))
@@ -176,6 +195,21 @@ class DecodeRunner:
             self.counts[:b].scatter_add_(1, nxt[:, None], active[:, None].to(torch.int32))
             self.seen[:b].scatter_(1, nxt[:, None], self.seen[:b].gather(1, nxt[:, None]) | active[:, None])
         positions.copy_(torch.where(active, positions + 1, positions))
+
+    def _share_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+        """Rank 0's step inputs into every rank's rows (one broadcast of a fixed buffer: graph-safe)."""
+        b = tokens.shape[0]
+        packed = self._step_inputs[: 3 * b]
+        rows = packed.view(3, b)
+        if not self.worker:
+            rows[0].copy_(tokens)
+            rows[1].copy_(positions)
+            rows[2].copy_(active)
+        self.tp.broadcast(packed)
+        if self.worker:
+            tokens.copy_(rows[0])
+            positions.copy_(rows[1])
+            active.copy_(rows[2].bool())
 
     def _capture(self, b: int, general: bool) -> torch.cuda.CUDAGraph:
         t0 = time.perf_counter()

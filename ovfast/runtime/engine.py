@@ -17,10 +17,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..checkpoint.config import ModelConfig
+from ..checkpoint import original
 from ..checkpoint.files import Checkpoint, open_checkpoint
+from ..checkpoint.prompts import LLAVA_OV_CHAT_TEMPLATE
 from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
-from ..checkpoint.weights import load_weights, mapping_tensors, safetensors_tensors
+from ..checkpoint.weights import feature_path_skips, load_weights, mapping_tensors, safetensors_tensors
+from ..distributed import plan_shards
+from ..distributed.plan import check_parallel_size
 from ..errors import ConfigError, EngineBusyError, GenerationParamsError, OvfastError, UnsupportedInputError
 from ..inputs.device_tiles import device_tiles, pixel_affine
 from ..inputs.media import Video
@@ -36,6 +39,7 @@ from .handle import RequestHandle
 from .kv_cache import KVCache, round_up
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .scheduler import Scheduler
+from . import scoring, tensor_parallel
 
 __all__ = ["Engine", "EngineBusyError", "EngineConfig", "RequestHandle", "load"]
 
@@ -57,10 +61,11 @@ class EngineConfig:
     prefill_chunk: int = 1024  # prompt tokens per prefill step, interleaved with decode steps
     preprocess_workers: int = 2  # threads decoding and tiling media
     max_prepared: int | None = None  # preprocessed requests holding pixels before admission (default 2 x slots)
+    tensor_parallel_size: int = 1  # ranks the decoder is cut across (one GPU each, or CPU processes)
 
     def check(self) -> None:
         for name in ("max_batch_size", "max_images", "max_video_frames", "vision_chunk", "max_queue",
-                     "prefill_chunk", "preprocess_workers"):
+                     "prefill_chunk", "preprocess_workers", "tensor_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {value!r}")
@@ -88,48 +93,64 @@ class Engine:
     """
 
     def __init__(self, ckpt: Checkpoint, device=None, dtype=None, config: EngineConfig = EngineConfig(),
-                 weights: Mapping[str, torch.Tensor] | None = None):
+                 weights: Mapping[str, torch.Tensor] | None = None, semantics: str | None = None):
         config.check()
         self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
         if self.device.type == "cuda" and self.device.index is None:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self.dtype = _resolve_dtype(dtype, self.device)
         self.checkpoint = ckpt
-        self.model_config = ModelConfig.from_dict(ckpt.config)
         self.config = config
+        self.tokenizer = Tokenizer.from_checkpoint(ckpt)
+        self.model_config, self.family = original.model_config(ckpt.config, ckpt.path, self.tokenizer, semantics)
         cfg = self.model_config
-        proc = ProcessingConfig.from_dict(ckpt.preprocessor_config, cfg)
-        self.tokenizer = Tokenizer(ckpt.tokenizer_file, ckpt.tokenizer_config)
-        for token, want in (("<image>", cfg.image_token_id), ("<video>", cfg.video_token_id)):
-            if self.tokenizer.token_id(token) != want:
-                raise ConfigError(f"tokenizer.json maps {token} to {self.tokenizer.token_id(token)}, config.json to {want}")
+        # The original code ignores the lmms-lab preprocessor_config.json (its values are built in).
+        proc = ProcessingConfig.from_dict(ckpt.preprocessor_config if self.family == original.LLAVA_HF else {}, cfg)
+        # lmms-lab checkpoints carry no processor template (tokenizer_config.json's is the text model's):
+        # under the transformers semantics they get llava-hf's, as `ovfast convert` writes it.
+        template = LLAVA_OV_CHAT_TEMPLATE if self.family == original.LMMS_LAB else ckpt.chat_template
         max_seq_len = config.max_seq_len or min(16384, cfg.text.max_position_embeddings)
         if max_seq_len > cfg.text.max_position_embeddings:
             raise ConfigError(f"max_seq_len {max_seq_len} exceeds the model's {cfg.text.max_position_embeddings} positions")
         self.max_seq_len = max_seq_len
         self.eos_ids = frozenset(self._eos_ids())
         self.requests = RequestBuilder(
-            cfg, proc, self.tokenizer, ChatTemplate(ckpt.chat_template) if ckpt.chat_template else None,
+            cfg, proc, self.tokenizer, ChatTemplate(template) if template else None,
             Limits(max_seq_len, config.max_images, config.max_video_frames),
         )
         self.normalizer = PixelNormalizer(proc)
 
+        # One position past max_seq_len: the scratch position idle decode rows write to.
+        cache_len = round_up(max_seq_len + 1, 16)
+        self.tp, self._workers = self._start_tensor_parallel(config.tensor_parallel_size, semantics, weights,
+                                                             cache_len, max_seq_len)
+        plan = plan_shards(cfg.text, self.tp.rank, self.tp.size) if self.tp else None
         with self._on_device():
             t0 = time.perf_counter()
-            with torch.device("meta"):
-                model = LlavaOnevision(cfg)
-            model = model.to(self.dtype).to_empty(device=self.device)
-            if cfg.text.tie_word_embeddings:  # to_empty re-creates parameters: tie them again
-                model.language_model.lm_head = model.language_model.embed_tokens
-            tensors = mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files)
-            self.skipped_tensors = load_weights(model, tensors)
-            # One position past max_seq_len: the scratch position idle decode rows write to.
-            cache_len = round_up(max_seq_len + 1, 16)
+            try:
+                with torch.device("meta"):
+                    model = LlavaOnevision(cfg, plan, self.tp)
+                model = model.to(self.dtype).to_empty(device=self.device)
+                model.language_model.tie_and_zero_padding()  # to_empty re-creates parameters
+                tensors = mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files)
+                layers = len(model.vision_tower.layers)
+                self.skipped_tensors = load_weights(model.weight_destinations(), tensors,
+                                                    lambda name: feature_path_skips(name, cfg, layers))
+                if self.tp:
+                    tensor_parallel.ready(self.tp)
+            except BaseException:
+                if self._workers:
+                    self._workers.stop()
+                raise
             model.language_model.set_max_positions(cache_len)
             self.model = model.eval().requires_grad_(False)
+            # The decoder calls the engine makes; under tensor parallelism each is mirrored on the workers.
+            self.lm = tensor_parallel.MirroredLM(model.language_model, self.tp) if self.tp else model.language_model
             self.load_ms = (time.perf_counter() - t0) * 1e3
-            self.cache = KVCache(cfg.text, config.max_batch_size, cache_len, self.dtype, self.device)
-            self.runner = DecodeRunner(self.model.language_model, self.cache, self.device, scratch=max_seq_len)
+            kv_heads = len(plan.kv_heads) if plan else None
+            self.cache = KVCache(cfg.text, config.max_batch_size, cache_len, self.dtype, self.device, kv_heads)
+            self.runner = DecodeRunner(self.model.language_model, self.cache, self.device, scratch=max_seq_len,
+                                       tp=self.tp)
             # Two host buffers for the chosen tokens: one being read while the next step fills the other.
             pin = self.device.type == "cuda"
             n = config.max_batch_size
@@ -143,6 +164,55 @@ class Engine:
             self.runner.capture_all()
         self._scheduler = Scheduler(self, config.max_queue, config.prefill_chunk, config.preprocess_workers,
                                     config.max_prepared or 2 * config.max_batch_size)
+
+    def _start_tensor_parallel(self, size: int, semantics, weights, cache_len: int, max_seq_len: int):
+        """(group, workers) for ``size`` > 1, else (None, None). Every check runs before a process starts.
+
+        Started by torchrun (RANK / WORLD_SIZE set), this process is one of the ranks: rank 0
+        goes on as the engine, a rank > 0 serves rank 0 and exits when it closes.
+        """
+        if size == 1:
+            return None, None
+        check_parallel_size(self.model_config.text, size)
+        if weights is not None:
+            raise ConfigError("weights= cannot be combined with tensor_parallel_size > 1: each rank reads its "
+                              "shard from the checkpoint's safetensors files")
+        launched = tensor_parallel.from_torchrun()
+        if launched is not None:
+            rank, world = launched
+            if world != size:
+                raise ConfigError(f"tensor_parallel_size {size} but torchrun started {world} processes")
+            if self.device.type == "cuda":
+                self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
+                torch.cuda.set_device(self.device)
+        tensor_parallel.check_devices(1 if launched else size, self.device)
+        spec = tensor_parallel.WorkerSpec(
+            checkpoint=str(self.checkpoint.path), semantics=semantics, dtype=str(self.dtype).removeprefix("torch."),
+            device_type=self.device.type, first_gpu=self.device.index or 0, slots=self.config.max_batch_size,
+            cache_len=cache_len, scratch=max_seq_len)
+        if launched is not None:
+            tp = tensor_parallel.init_group(launched[0], size, self.device, None)
+            if tp.rank > 0:
+                tensor_parallel.serve(tp, spec, self.device)
+                raise SystemExit(0)  # this rank's part is done when rank 0 closes
+            procs = []
+        else:
+            procs, init = tensor_parallel.start_workers(size, spec)
+            try:
+                tp = tensor_parallel.init_group(0, size, self.device, init)
+            except BaseException:
+                for p in procs:
+                    p.kill()
+                raise
+        return tp, tensor_parallel.Workers(tp, procs, self._worker_died)
+
+    def _failure(self) -> str | None:
+        """Why the engine can no longer run (a dead tensor-parallel worker), or None."""
+        return self._workers.dead() if self._workers is not None else None
+
+    def _worker_died(self, reason: str) -> None:
+        """The monitor saw a worker exit: refuse new requests, fail the running ones, stop cleanly."""
+        self._scheduler.abort(reason)
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -259,7 +329,26 @@ class Engine:
     def logits(self, images, prompt: str, *, chat: bool = True) -> torch.Tensor:
         """fp32 next-token logits at every prompt position, (prompt_tokens, vocab_size)."""
         req = self._prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=1))
-        return self._scheduler.run_on_device(lambda slot: self.model.language_model.logits(self._prefill(req, slot)))
+        return self._scheduler.run_on_device(lambda slot: self.lm.logits(self._prefill(req, slot)))
+
+    def loglikelihood(self, images, prompt: str, continuation, *, chat: bool = True) -> tuple[float, bool]:
+        """(summed fp32 log-probability of ``continuation`` after the prompt, whether greedy decoding yields it).
+
+        The prompt is prepared as ``logits`` prepares it (with ``chat``, the rendered template and
+        its generation prompt); ``continuation`` is a string (encoded without special tokens) or a
+        list of token ids, appended after it. One prefill of prompt + continuation on the device;
+        ``True`` when every continuation token is the argmax at its position. Raises
+        ``EmptyContinuationError`` for no tokens and ``ContextLengthError`` when both do not fit.
+        """
+        cfg = self.model_config
+        cont = scoring.continuation_ids(self.tokenizer, continuation, cfg.text.vocab_size,
+                                        (cfg.image_token_id, cfg.video_token_id))
+        req = scoring.with_continuation(
+            lambda n: self._prepare(images, prompt, chat, SamplingParams.make(max_new_tokens=n)), cont, self.max_seq_len)
+        start = len(req.input_ids) - len(cont) - 1  # the last prompt position predicts the first continuation token
+        lm = self.lm
+        return self._scheduler.run_on_device(
+            lambda slot: scoring.score(lm.logits(self._prefill(req, slot)[start : start + len(cont)]), cont))
 
     def info(self) -> dict:
         """What runs where: device, dtype, each op's backend, CUDA graphs, KV-cache size, scheduler limits."""
@@ -271,7 +360,19 @@ class Engine:
             "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
             "max_queue": self.config.max_queue, "prefill_chunk": self.config.prefill_chunk,
             "skipped_tensors": list(self.skipped_tensors),
+            "family": self.family, "semantics": self.model_config.semantics,
+            **self._parallel_info(),
         }
+
+    def _parallel_info(self) -> dict:
+        """Per-rank memory: rank 0 holds the vision tower and projector beside its decoder share."""
+        lm = self.model.language_model
+        shard = sum(p.numel() * p.element_size() for p in {id(p): p for p in lm.parameters()}.values())
+        total = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
+        size = self.tp.size if self.tp else 1
+        return {"tensor_parallel_size": size,
+                "weight_bytes_per_rank": [total] + [shard] * (size - 1),
+                "kv_cache_bytes_per_rank": [self.cache.nbytes] * size}
 
     def stats(self) -> dict:
         """Now: running / waiting requests, free slots, KV tokens used of total; so far: requests
@@ -288,8 +389,11 @@ class Engine:
         return pixel_values(images, self.requests.model, self.requests.proc, self.normalizer, dtype or self.dtype, pin)
 
     def close(self) -> None:
-        """Stop accepting requests, cancel what is running or waiting, and stop the loop."""
+        """Stop accepting requests, cancel what is running or waiting, and stop the loop (and the
+        tensor-parallel workers)."""
         self._scheduler.close()
+        if self._workers is not None:
+            self._workers.stop()
 
     def __enter__(self) -> "Engine":
         return self
@@ -309,9 +413,12 @@ class Engine:
             eos_token = self.tokenizer.special_tokens_map.get("eos_token")
             eos = self.tokenizer.token_id(eos_token) if eos_token else None
         if eos is None:
-            eos = self.checkpoint.config.get("text_config", {}).get("eos_token_id")
-        return [eos] if isinstance(eos, int) else list(eos or [])
-
+            eos = self.checkpoint.config.get("text_config", self.checkpoint.config).get("eos_token_id")
+        ids = [eos] if isinstance(eos, int) else list(eos or [])
+        im_end = self.tokenizer.token_id("<|im_end|>")
+        if self.model_config.semantics == "original" and im_end is not None and im_end not in ids:
+            ids.append(im_end)  # the qwen_1_5 conversation ends each turn there (its separator)
+        return ids
 
     def _on_device(self):
         """Every launch and capture on the engine's GPU, whatever the calling thread's current device."""
@@ -361,7 +468,7 @@ class Engine:
         return seq
 
     def _embed(self, req: PreparedRequest, ids: torch.Tensor) -> torch.Tensor:
-        h = self.model.language_model.embed(ids)
+        h = self.lm.embed(ids)
         if req.items:
             self._merge_visual(h, req)
         return h
@@ -372,7 +479,7 @@ class Engine:
         total = len(seq.request.input_ids)
         start = seq.prefilled
         n = min(budget, total - start)
-        lm = self.model.language_model
+        lm = self.lm
         batch = ForwardBatch.prefill(seq.slot, n, self.device, start=start)
         hidden = lm(seq.embeds[start : start + n], batch, self.cache.k, self.cache.v)
         seq.prefilled += n
@@ -449,7 +556,7 @@ class Engine:
         self._sync()
         t1 = time.perf_counter()
         batch = ForwardBatch.prefill(slot, len(req.input_ids), self.device)
-        hidden = self.model.language_model(h, batch, self.cache.k, self.cache.v)
+        hidden = self.lm(h, batch, self.cache.k, self.cache.v)
         self._sync()
         if timings is not None:
             timings.vision_ms, timings.prefill_ms = (t1 - t0) * 1e3, (time.perf_counter() - t1) * 1e3
@@ -529,7 +636,8 @@ class _nothing:
 
 def load(model: str | os.PathLike, *, device=None, dtype=None, max_batch_size: int = 4, max_seq_len: int | None = None,
          max_images: int = 16, max_video_frames: int = 64, max_queue: int = 256, prefill_chunk: int = 1024,
-         preprocess_workers: int = 2, weights: Mapping[str, torch.Tensor] | None = None) -> Engine:
+         preprocess_workers: int = 2, weights: Mapping[str, torch.Tensor] | None = None,
+         semantics: str | None = None, tensor_parallel_size: int = 1) -> Engine:
     """Load a LLaVA-OneVision checkpoint: a local Hugging Face directory or a Hub id.
 
     Defaults: CUDA when available, else CPU; bfloat16 on a GPU, float32 on the CPU. ``weights``
@@ -537,9 +645,18 @@ def load(model: str | os.PathLike, *, device=None, dtype=None, max_batch_size: i
     the checkpoint's safetensors files, which then need not exist. ``max_batch_size`` requests
     decode together; ``max_queue`` more may wait; ``prefill_chunk`` bounds the prompt tokens one
     step prefills, so running streams keep flowing while a long prompt is read.
+
+    Both checkpoint families load: llava-hf (and transformers 5.x saves) and the original lmms-lab
+    ``LlavaQwenForCausalLM`` repositories. ``semantics`` picks whose reference the engine
+    reproduces where the two differ (prompt format, unpad rounding, alpha): "original"
+    (LLaVA-NeXT, the default for lmms-lab checkpoints) or "transformers" (the default for llava-hf).
+
+    ``tensor_parallel_size`` N > 1 cuts the decoder across N ranks (one GPU each from ``device``,
+    NCCL; or N CPU processes, gloo): this process is rank 0 and starts the other N - 1, or, under
+    ``torchrun``, is whichever rank torchrun made it (a rank > 0 serves and exits in here).
     """
     config = EngineConfig(max_batch_size=max_batch_size, max_seq_len=max_seq_len, max_images=max_images,
                           max_video_frames=max_video_frames, max_queue=max_queue, prefill_chunk=prefill_chunk,
-                          preprocess_workers=preprocess_workers)
+                          preprocess_workers=preprocess_workers, tensor_parallel_size=tensor_parallel_size)
     return Engine(open_checkpoint(model, need_weights=weights is None), device=device, dtype=dtype, config=config,
-                  weights=weights)
+                  weights=weights, semantics=semantics)

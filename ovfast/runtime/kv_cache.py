@@ -16,10 +16,12 @@ def round_up(n: int, multiple: int) -> int:
 
 
 class KVCache:
-    def __init__(self, cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device):
+    def __init__(self, cfg: TextConfig, slots: int, max_len: int, dtype: torch.dtype, device: torch.device,
+                 kv_heads: int | None = None):
         self.slots = slots
         self.max_len = max_len
-        shape = (cfg.num_layers, slots, max_len, cfg.num_kv_heads, cfg.head_dim)
+        # kv_heads: this rank's share under tensor parallelism (the cache is sharded by key/value head).
+        shape = (cfg.num_layers, slots, max_len, kv_heads or cfg.num_kv_heads, cfg.head_dim)
         # Zeroed, not torch.empty: a batched decode step reads every row up to the longest row's
         # length and masks the rest, and masked garbage that happens to be NaN still poisons the
         # attention output (0 * NaN); reused allocator memory can hold such bytes.

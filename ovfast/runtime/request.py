@@ -6,6 +6,7 @@ KV cache, so a rejected request leaves the engine exactly as it was.
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -13,6 +14,7 @@ from dataclasses import dataclass, replace
 import jinja2
 
 from ..checkpoint.config import ModelConfig
+from ..checkpoint.prompts import IMAGE_MARKER, VIDEO_MARKER, render_qwen_1_5
 from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
 from ..errors import (
     ContextLengthError,
@@ -26,7 +28,7 @@ from ..inputs.media import Video, as_items
 from ..inputs.processing import ProcessingConfig, VisualItem
 from .sampling import MAX_LOGPROBS
 
-IMAGE_TOKEN, VIDEO_TOKEN = "<image>", "<video>"
+_MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
 
 
 def _number(name: str, x, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -122,6 +124,7 @@ class RequestBuilder:
     def __init__(self, model: ModelConfig, proc: ProcessingConfig, tokenizer: Tokenizer,
                  template: ChatTemplate | None, limits: Limits):
         self.model, self.proc, self.tokenizer, self.template, self.limits = model, proc, tokenizer, template, limits
+        self.original = model.semantics == "original"  # prompts in LLaVA-NeXT's qwen_1_5 format
 
     def prepare(self, images, prompt: str, chat: bool, params: SamplingParams,
                 device_tiling: bool = False) -> PreparedRequest:
@@ -133,13 +136,17 @@ class RequestBuilder:
         items = as_items(images)
         self._check_counts(items)
         if chat:
-            if IMAGE_TOKEN in prompt or VIDEO_TOKEN in prompt:
+            placed = IMAGE_MARKER in prompt or VIDEO_MARKER in prompt
+            content = [{"type": "video" if isinstance(x, Video) else "image"} for x in items]
+            if self.original:  # LLaVA-NeXT: the caller's markers stay; without any, one per item before the text
+                content = [] if placed else content
+            elif placed:
                 raise PlaceholderError(
                     "the prompt contains <image>/<video>: with chat=True the chat template places the media; "
                     "remove them, or pass chat=False and a fully formatted prompt"
                 )
-            content = [{"type": "video" if isinstance(x, Video) else "image"} for x in items]
-            content.sort(key=lambda part: part["type"] == "video")  # images first, then videos, then the text
+            else:
+                content.sort(key=lambda part: part["type"] == "video")  # images first, then videos, then the text
             text = self._render([{"role": "user", "content": content + [{"type": "text", "text": prompt}]}])
         else:
             text = prompt
@@ -163,6 +170,8 @@ class RequestBuilder:
             )
 
     def _render(self, conversation: list[dict]) -> str:
+        if self.original:
+            return render_qwen_1_5(conversation)
         if self.template is None:
             raise PlaceholderError("this checkpoint has no chat template; pass chat=False with a formatted prompt")
         try:
@@ -176,13 +185,7 @@ class RequestBuilder:
         any resizing), tile, expand the placeholders."""
         n_images = sum(not isinstance(x, Video) for x in items)
         n_videos = len(items) - n_images
-        ids = self.tokenizer.encode(text)
-        found_images, found_videos = ids.count(self.model.image_token_id), ids.count(self.model.video_token_id)
-        if (found_images, found_videos) != (n_images, n_videos):
-            raise PlaceholderError(
-                f"the prompt has {found_images} <image> and {found_videos} <video> placeholders but "
-                f"{n_images} images and {n_videos} videos were passed; with chat=False put one placeholder per item"
-            )
+        ids = self._tokenize(text, items)
         opened = [open_item(x, n_images, self.model, self.proc) for x in items]
         prompt_tokens = len(ids) - n_images - n_videos + sum(o.num_tokens for o in opened)
         if params.max_new_tokens is None:  # the rest of the context
@@ -195,6 +198,43 @@ class RequestBuilder:
         visual = [o.tile(on_device=device_tiling) for o in opened]
         ids = self._expand(ids, visual)
         return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
+
+    def _tokenize(self, text: str, items: list) -> list[int]:
+        """Token ids of ``text`` with one placeholder id per ``<image>`` / ``<video>`` marker.
+
+        The text between markers is tokenised piece by piece, as LLaVA-NeXT's
+        ``tokenizer_image_token`` does and as a tokenizer that knows the markers as added tokens
+        splits on them anyway, so a vocabulary without them (lmms-lab) works too. Under the
+        transformers semantics the k-th ``<image>`` is the k-th image and the k-th ``<video>``
+        the k-th video; under the original one marker stands for the next item, whatever its kind.
+        """
+        pieces = _MARKERS.split(text)
+        markers = pieces[1::2]
+        kinds = ["video" if isinstance(x, Video) else "image" for x in items]
+        if self.original:
+            if len(markers) != len(items):
+                raise PlaceholderError(
+                    f"the prompt has {len(markers)} <image>/<video> markers but {len(items)} images and videos "
+                    "were passed; put one marker per item, or none (chat=True places them before the text)"
+                )
+        else:
+            kinds_found = ["video" if m == VIDEO_MARKER else "image" for m in markers]
+            found = (kinds_found.count("image"), kinds_found.count("video"))
+            if found != (kinds.count("image"), kinds.count("video")):
+                raise PlaceholderError(
+                    f"the prompt has {found[0]} <image> and {found[1]} <video> placeholders but "
+                    f"{kinds.count('image')} images and {kinds.count('video')} videos were passed; "
+                    "with chat=False put one placeholder per item"
+                )
+            kinds = kinds_found
+        placeholder = {"image": self.model.image_token_id, "video": self.model.video_token_id}
+        ids: list[int] = []
+        for i, piece in enumerate(pieces[::2]):
+            if piece:
+                ids.extend(self.tokenizer.encode(piece))
+            if i < len(kinds):
+                ids.append(placeholder[kinds[i]])
+        return ids
 
     def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
         """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""

@@ -56,6 +56,7 @@ class Scheduler:
         self._running: dict[int, tuple[RequestHandle, Sequence]] = {}  # slot -> request
         self._thread: threading.Thread | None = None
         self._closed = False
+        self.closed_reason: str | None = None  # set by abort(): why the engine can no longer run
         self.finished = 0
         self.tokens_generated = 0
         self._ttft: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
@@ -69,7 +70,7 @@ class Scheduler:
         """Accept a request (or refuse it at once) and preprocess it on a worker."""
         with self._cond:
             if self._closed:
-                raise EngineBusyError("the engine is closed")
+                raise self._closed_error()
             if self._waiting >= self.max_queue:
                 raise EngineOverloadedError(
                     f"{self._waiting} requests are already waiting (max_queue={self.max_queue}); retry later"
@@ -84,7 +85,7 @@ class Scheduler:
         handle = RequestHandle(f"job-{next(self._ids)}", lambda h: None)
         with self._cond:
             if self._closed:
-                raise EngineBusyError("the engine is closed")
+                raise self._closed_error()
             self._jobs.append((fn, handle))
             self._wake()
         return handle.result()
@@ -121,6 +122,32 @@ class Scheduler:
             self._thread = threading.Thread(target=self._loop, name="ovfast-scheduler", daemon=True)
             self._thread.start()
         self._cond.notify_all()
+
+    def _closed_error(self) -> EngineBusyError:
+        return EngineBusyError("the engine is closed" + (f": {self.closed_reason}" if self.closed_reason else ""))
+
+    def abort(self, reason: str) -> None:
+        """Stop for good because the engine cannot run any more (a tensor-parallel worker died): new
+        requests are refused with ``reason``, the running and waiting ones fail with it. Callable
+        from any thread; does not wait for the loop (it may be inside a failing collective)."""
+        with self._cond:
+            self._closed = True
+            self.closed_reason = reason
+            self._cond.notify_all()
+            if self._thread is None:  # no loop to do it: fail what waits here
+                self._fail_waiting()
+
+    def _fail_waiting(self) -> None:
+        """(holding the lock) The ready queue and the device jobs end with the abort's error."""
+        error = self._closed_error()
+        ready, self._ready = list(self._ready), deque()
+        jobs, self._jobs = list(self._jobs), deque()
+        for handle, _ in ready:
+            self._waiting -= 1
+            self._prepared_gate.release()
+            handle._finish(error=error)
+        for _, handle in jobs:
+            handle._finish(error=error)
 
     def close(self, timeout: float | None = 30.0) -> None:
         with self._cond:
@@ -174,6 +201,12 @@ class Scheduler:
                             self._thread = None
                             return
                     closing = self._closed
+                    if self.closed_reason is not None:  # aborted: nothing more can run
+                        self._fail_waiting()
+                        self._fail_all(self._closed_error())
+                        in_flight = None
+                        self._thread = None
+                        return
                     if self._sweep or closing:
                         self._sweep = False
                         self._drop_cancelled_waiting()
@@ -200,6 +233,10 @@ class Scheduler:
                 except Exception:  # a defect, not a request error: fail what runs, keep serving
                     self.errors.append(traceback.format_exc())
                     in_flight = None
+                    reason = self.engine._failure()
+                    if reason is not None:  # the engine cannot go on (a worker died mid-step)
+                        self.abort(reason)
+                        continue
                     self._fail_all(RuntimeError("ovfast: the engine failed during a step:\n" + self.errors[-1]))
                 if closing and not self._running and in_flight is None:
                     with self._cond:

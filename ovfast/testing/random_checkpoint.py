@@ -16,23 +16,14 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
+from ..checkpoint.hf_files import added_token_entry, write_json, write_processor_files
 from ..checkpoint.weight_names import LAYOUTS, disk_name
 from .random_tokenizer import SPECIAL_TOKENS, build_tokenizer
 
-# The chat template the llava-hf conversion script installs as the processor's template.
-LLAVA_OV_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n'}}"
-    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}"
-    "{{ '<image>\n' }}{% endfor %}"
-    "{# Render all video then #}{% for content in message['content'] | selectattr('type', 'equalto', 'video') %}"
-    "{{ '<video>\n' }}{% endfor %}"
-    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
-    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] }}{% endfor %}"
-    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
-    "{% generation %}{{ content['text'] }}{% endgeneration %}{% endfor %}{% endif %}"
-    "{{'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+_QWEN2_SPECIALS = SPECIAL_TOKENS[:3]  # <|endoftext|>, <|im_start|>, <|im_end|>: what Qwen2's own tokenizer adds
+
 # A plain-text ChatML template for tokenizer_config.json, as Qwen2-Instruct's tokenizer carries one
 # (with a default system prompt). Processors ignore it; it is there so loaders must pick the right one.
 _TOKENIZER_CHAT_TEMPLATE = (
@@ -234,11 +225,17 @@ def build_checkpoint(
     vision: dict | None = None,
     extra: dict | None = None,
     weights: bool = True,
+    full_tower: bool = False,
+    vocab_files: bool = False,
 ) -> Path:
     """Write a random-weight checkpoint directory and return its path.
 
-    ``layout`` is "llava-hf" (the names on the Hub, saved by transformers 4.45) or
-    "transformers5". ``template_file`` is "json" (chat_template.json, as on the Hub) or "jinja".
+    ``layout`` is "llava-hf" (the names on the Hub, saved by transformers 4.45), "transformers5",
+    or "lmms-lab": the original LLaVA-NeXT repository (its config.json, tensor names, a tokenizer
+    without <image>/<video>, no chat template), holding the same random weights as the llava-hf
+    checkpoint of the same preset and seed. lmms-lab options: ``full_tower`` also stores the
+    tower's last layer (the original deletes it at load), ``vocab_files`` writes vocab.json +
+    merges.txt instead of tokenizer.json. ``template_file`` is "json" (chat_template.json, as on the Hub) or "jinja".
     Weights larger than ``max_shard_bytes`` are split into shards with an index file.
     ``weights=False`` writes everything but the weights (the 72B shapes do not fit a disk).
     """
@@ -250,19 +247,82 @@ def build_checkpoint(
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(preset, text=text, vision=vision, extra=extra)
     p = PRESETS[preset]
-    _write_json(out / "config.json", config)
     special = {t: p.bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
-    _write_json(out / "generation_config.json", {
+    write_json(out / "generation_config.json", {
         "bos_token_id": special["<|endoftext|>"], "eos_token_id": special["<|im_end|>"], "transformers_version": "4.45.0",
     })
-    _write_processing_files(out, config, p.bpe_vocab, template_file)
+    extra_layers = 0
+    if layout == "lmms-lab":
+        write_json(out / "config.json", lmms_lab_config(config, _vision_tower(out, config, preset)))
+        _write_lmms_lab_processing_files(out, config, p.bpe_vocab, vocab_files)
+        extra_layers = int(full_tower)
+    else:
+        write_json(out / "config.json", config)
+        _write_processing_files(out, config, p.bpe_vocab, template_file)
     if weights:
-        _write_weights(out, config, seed, _DTYPES[dtype], layout, max_shard_bytes)
+        _write_weights(out, config, seed, _DTYPES[dtype], layout, max_shard_bytes, extra_layers)
     return out
 
 
-def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layout: str, max_shard_bytes: int) -> None:
+def lmms_lab_config(config: dict, vision_tower: str) -> dict:
+    """The original LLaVA-NeXT config.json (``LlavaQwenForCausalLM``) of a llava-hf style ``config``:
+    Qwen2 fields at the top level, the tower named by ``mm_vision_tower``, the ``mm_*`` fields of the
+    lmms-lab OneVision repositories."""
+    text = {k: v for k, v in config["text_config"].items() if k not in ("architectures", "model_type")}
+    return {
+        "architectures": ["LlavaQwenForCausalLM"],
+        "model_type": "llava",
+        **text,
+        "image_aspect_ratio": config["vision_aspect_ratio"],
+        "image_crop_resolution": None,
+        "image_grid_pinpoints": config["image_grid_pinpoints"],
+        "image_split_resolution": None,
+        "mm_hidden_size": config["vision_config"]["hidden_size"],
+        "mm_newline_position": "one_token",
+        "mm_patch_merge_type": "spatial_unpad",
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_resampler_type": None,
+        "mm_spatial_pool_mode": "bilinear",
+        "mm_spatial_pool_stride": 2,
+        "mm_use_im_patch_token": False,
+        "mm_use_im_start_end": False,
+        "mm_vision_select_feature": "patch",
+        "mm_vision_select_layer": -2,
+        "mm_vision_tower": vision_tower,
+        "tokenizer_model_max_length": 32768,
+        "tokenizer_padding_side": "right",
+        "use_mm_proj": True,
+        "vision_tower_pretrained": None,
+        "ovfast_random_weights": config["ovfast_random_weights"],
+    }
+
+
+def _vision_tower(out: Path, config: dict, preset: str) -> str:
+    """``mm_vision_tower`` of an lmms-lab checkpoint: the built-in SigLIP id at the real shapes,
+    else a local tower directory (a SiglipConfig config.json counting the full tower, one layer
+    more than the checkpoint runs), as the original code accepts."""
+    v = config["vision_config"]
+    if PRESETS[preset].vision is _REAL_VISION and v["num_hidden_layers"] == _REAL_VISION["num_hidden_layers"]:
+        return "google/siglip-so400m-patch14-384"
+    tower = out / "siglip_tower"
+    tower.mkdir(exist_ok=True)
+    full = {k: val for k, val in v.items() if k != "vision_use_head"}
+    full.update(num_hidden_layers=v["num_hidden_layers"] + 1, hidden_act="gelu_pytorch_tanh", layer_norm_eps=1e-6)
+    write_json(tower / "config.json", {
+        "architectures": ["SiglipModel"], "model_type": "siglip",
+        "text_config": {"model_type": "siglip_text_model"}, "vision_config": full,
+    })
+    return str(tower.resolve())
+
+
+def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layout: str, max_shard_bytes: int,
+                   extra_layers: int = 0) -> None:
     specs = tensor_specs(config)
+    if extra_layers:  # after everything else, so the other tensors equal the llava-hf checkpoint's
+        more = {**config, "vision_config": {**config["vision_config"],
+                                            "num_hidden_layers": config["vision_config"]["num_hidden_layers"] + extra_layers}}
+        have = {name for name, _, _ in specs}
+        specs += [spec for spec in tensor_specs(more) if spec[0] not in have]
     nbytes = [math.prod(shape) * dtype.itemsize for _, shape, _ in specs]
     shards: list[list[int]] = [[]]
     size = 0
@@ -284,22 +344,17 @@ def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layou
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
     if len(shards) > 1:
-        _write_json(out / "model.safetensors.index.json", {
+        write_json(out / "model.safetensors.index.json", {
             "metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map,
         })
 
 
-def _write_processing_files(out: Path, config: dict, bpe_vocab: int, template_file: str) -> None:
-    tok = build_tokenizer(bpe_vocab)
-    tok.save(str(out / "tokenizer.json"))
-    ids = {t: bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
-    _write_json(out / "tokenizer_config.json", {
+def _tokenizer_config(bpe_vocab: int, specials: tuple[str, ...], processor: bool) -> dict:
+    """Qwen2's tokenizer_config.json, with the special tokens after the BPE vocabulary (``processor``:
+    as a llava-hf repository saves it, left padding and the processor's class)."""
+    return {
         "add_prefix_space": False,
-        "added_tokens_decoder": {
-            str(ids[t]): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
-                          "single_word": False, "special": True}
-            for t in SPECIAL_TOKENS
-        },
+        "added_tokens_decoder": {str(bpe_vocab + i): added_token_entry(t) for i, t in enumerate(specials)},
         "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
         "bos_token": None,
         "chat_template": _TOKENIZER_CHAT_TEMPLATE,
@@ -308,34 +363,36 @@ def _write_processing_files(out: Path, config: dict, bpe_vocab: int, template_fi
         "errors": "replace",
         "model_max_length": 32768,
         "pad_token": "<|endoftext|>",
-        "padding_side": "left",
-        "processor_class": "LlavaOnevisionProcessor",
+        **({"padding_side": "left", "processor_class": "LlavaOnevisionProcessor"} if processor else {}),
         "split_special_tokens": False,
         "tokenizer_class": "Qwen2Tokenizer",
         "unk_token": None,
-    })
-    vision = config["vision_config"]
-    tile, grid = vision["image_size"], vision["image_size"] // vision["patch_size"]
-    common = {
-        "do_convert_rgb": True, "do_normalize": True, "do_rescale": True, "do_resize": True,
-        "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "resample": 3,
-        "rescale_factor": 1 / 255, "size": {"height": tile, "width": tile},
-        "processor_class": "LlavaOnevisionProcessor",
     }
-    _write_json(out / "preprocessor_config.json", {
-        **common, "do_pad": True, "image_grid_pinpoints": config["image_grid_pinpoints"], "image_processor_type": "LlavaOnevisionImageProcessor",
-    })
-    _write_json(out / "video_preprocessor_config.json", {**common, "video_processor_type": "LlavaOnevisionVideoProcessor"})
-    _write_json(out / "processor_config.json", {
-        "num_image_tokens": grid * grid, "processor_class": "LlavaOnevisionProcessor", "vision_feature_select_strategy": "full",
-    })
-    if template_file == "json":
-        _write_json(out / "chat_template.json", {"chat_template": LLAVA_OV_CHAT_TEMPLATE})
-    elif template_file == "jinja":
-        (out / "chat_template.jinja").write_text(LLAVA_OV_CHAT_TEMPLATE, encoding="utf-8")
+
+
+def _write_processing_files(out: Path, config: dict, bpe_vocab: int, template_file: str) -> None:
+    build_tokenizer(bpe_vocab).save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", _tokenizer_config(bpe_vocab, SPECIAL_TOKENS, processor=True))
+    write_processor_files(out, config, template_file)
+
+
+def _write_lmms_lab_processing_files(out: Path, config: dict, bpe_vocab: int, vocab_files: bool) -> None:
+    """What an lmms-lab repository holds beside its weights: Qwen2's tokenizer (no <image>/<video>
+    tokens, the text model's chat template) and a SigLIP preprocessor_config.json."""
+    tok = json.loads(build_tokenizer(bpe_vocab).to_str())
+    tok["added_tokens"] = [t for t in tok["added_tokens"] if t["content"] in _QWEN2_SPECIALS]
+    tokenizer = Tokenizer.from_str(json.dumps(tok))
+    tokenizer_config = _tokenizer_config(bpe_vocab, _QWEN2_SPECIALS, processor=False)
+    if vocab_files:
+        from .random_tokenizer import write_vocab_merges
+
+        write_vocab_merges(tokenizer, out)
     else:
-        raise ValueError(f"template_file must be 'json' or 'jinja', not {template_file!r}")
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        tokenizer.save(str(out / "tokenizer.json"))
+    write_json(out / "tokenizer_config.json", tokenizer_config)
+    tile = config["vision_config"]["image_size"]
+    write_json(out / "preprocessor_config.json", {
+        "do_normalize": True, "do_rescale": True, "do_resize": True, "image_mean": [0.5, 0.5, 0.5],
+        "image_processor_type": "SiglipImageProcessor", "image_std": [0.5, 0.5, 0.5], "resample": 3,
+        "rescale_factor": 1 / 255, "size": {"height": tile, "width": tile},
+    })

@@ -10,6 +10,9 @@ is not Qwen2's vocabulary.
 """
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 from tokenizers.trainers import BpeTrainer
@@ -75,9 +78,59 @@ def build_tokenizer(bpe_vocab_size: int) -> Tokenizer:
 
 
 def _merges_of(tok: Tokenizer) -> list:
-    import json
-
     return json.loads(tok.to_str())["model"]["merges"]
+
+
+# tokenizer_config.json as Qwen2's slow-file repositories (the lmms-lab checkpoints) carry it, less
+# the chat template and the added_tokens_decoder (write_vocab_merges fills that in).
+QWEN2_TOKENIZER_CONFIG = {
+    "add_prefix_space": False,
+    "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+    "bos_token": None,
+    "clean_up_tokenization_spaces": False,
+    "eos_token": "<|im_end|>",
+    "errors": "replace",
+    "model_max_length": 32768,
+    "pad_token": "<|endoftext|>",
+    "split_special_tokens": False,
+    "tokenizer_class": "Qwen2Tokenizer",
+    "unk_token": None,
+}
+
+
+def write_vocab_merges(tokenizer: Tokenizer, out_dir, tokenizer_config: dict | None = None) -> list[Path]:
+    """Save ``tokenizer`` (a byte-level BPE ``tokenizers.Tokenizer``) as the slow files, no tokenizer.json.
+
+    Writes vocab.json, merges.txt (``#version: 0.2`` then one "left right" pair a line),
+    added_tokens.json (token -> id) and tokenizer_config.json: ``tokenizer_config`` (default
+    QWEN2_TOKENIZER_CONFIG) with an ``added_tokens_decoder`` entry (id -> content and flags) for
+    every added token, as transformers saves a Qwen2 tokenizer's slow files. Returns the paths.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    data = json.loads(tokenizer.to_str())
+    model = data["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"write_vocab_merges writes a BPE tokenizer, not {model.get('type')!r}")
+    vocab = dict(sorted(model["vocab"].items(), key=lambda kv: kv[1]))
+    merges = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+    for left, right in merges:
+        if " " in left or " " in right or "\n" in left + right:
+            raise ValueError(f"merge {(left, right)!r} cannot be written to merges.txt")
+    added = sorted(data.get("added_tokens") or [], key=lambda t: t["id"])
+    paths = [out / "vocab.json", out / "merges.txt", out / "added_tokens.json", out / "tokenizer_config.json"]
+    paths[0].write_text(json.dumps(vocab, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    paths[1].write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges), encoding="utf-8")
+    paths[2].write_text(json.dumps({t["content"]: t["id"] for t in added}, indent=2, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
+    config = dict(QWEN2_TOKENIZER_CONFIG if tokenizer_config is None else tokenizer_config)
+    config["added_tokens_decoder"] = {
+        str(t["id"]): {k: t[k] for k in ("content", "lstrip", "normalized", "rstrip", "single_word", "special")}
+        for t in added
+    }
+    paths[3].write_text(json.dumps(dict(sorted(config.items())), indent=2, ensure_ascii=False) + "\n",
+                        encoding="utf-8")
+    return paths
 
 
 def _fill_with_synthetic_merges(vocab: dict[str, int], merges: list, size: int) -> None:
