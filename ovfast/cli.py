@@ -35,25 +35,28 @@ def _frames(spec: str) -> list[str]:
 def _generate(args) -> int:
     from . import load
 
-    engine = load(args.model, device=args.device, dtype=args.dtype, semantics=args.semantics)
-    items = list(args.image or []) + [_video(v, args.num_frames) for v in args.video or []]
-    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-              seed=args.seed, stop=args.stop, chat=not args.no_chat)
-    if args.stream:
-        for piece in engine.stream(items, args.prompt, **kw):
-            print(piece, end="", flush=True)
-        print()
+    # Under torchrun, a rank > 0 serves rank 0 inside load() and exits there.
+    engine = load(args.model, device=args.device, dtype=args.dtype, semantics=args.semantics,
+                  tensor_parallel_size=args.tensor_parallel_size)
+    with engine:  # close() stops the loop (and any tensor-parallel workers)
+        items = list(args.image or []) + [_video(v, args.num_frames) for v in args.video or []]
+        kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+                  seed=args.seed, stop=args.stop, chat=not args.no_chat)
+        if args.stream:
+            for piece in engine.stream(items, args.prompt, **kw):
+                print(piece, end="", flush=True)
+            print()
+            return 0
+        c = engine.complete(items, args.prompt, **kw)
+        if args.json:
+            print(json.dumps({"text": c.text, "token_ids": c.token_ids, "prompt_tokens": c.prompt_tokens,
+                              "finish_reason": c.finish_reason, "timings": c.timings.as_dict(),
+                              "random_weights": engine.random_weights}, indent=2))
+        else:
+            print(c.text)
+        if engine.random_weights:
+            print("(random-weight test checkpoint: the answer is noise)", file=sys.stderr)
         return 0
-    c = engine.complete(items, args.prompt, **kw)
-    if args.json:
-        print(json.dumps({"text": c.text, "token_ids": c.token_ids, "prompt_tokens": c.prompt_tokens,
-                          "finish_reason": c.finish_reason, "timings": c.timings.as_dict(),
-                          "random_weights": engine.random_weights}, indent=2))
-    else:
-        print(c.text)
-    if engine.random_weights:
-        print("(random-weight test checkpoint: the answer is noise)", file=sys.stderr)
-    return 0
 
 
 def _demo(args) -> int:
@@ -115,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--dtype", help="float32, bfloat16 or float16")
     g.add_argument("--semantics", choices=["original", "transformers"],
                    help="whose reference to reproduce (default by checkpoint family: lmms-lab original, llava-hf transformers)")
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="cut the decoder across N GPUs (or N CPU processes); see the README")
     g.add_argument("--stream", action="store_true", help="print the answer as it is generated")
     g.add_argument("--json", action="store_true", help="print the whole completion as JSON")
     g.set_defaults(func=_generate)

@@ -47,3 +47,26 @@ def test_serving_bench_tiny_writes_results(tmp_path, monkeypatch, capsys):
         assert r["requests_per_s"] > 0 and r["ttft_ms"]["p99"] >= r["ttft_ms"]["p50"] > 0
     assert result["max_batch_size"] == 3 and result["engine_stats"]["running"] == 0
     assert "| output tokens/s |" in capsys.readouterr().out
+
+
+def test_bench_tensor_parallel_makes_random_weights_on_every_rank(tmp_path, monkeypatch, capsys):
+    """A preset is a checkpoint without weights: with --tensor-parallel-size each rank makes its
+    own slice of the same random model (no weights file, no in-memory copy to hand over)."""
+    monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    assert main(["bench", "--model", "tiny", "--request", "image", "--new-tokens", "4", "--repeat", "1",
+                 "--no-transformers", "--tensor-parallel-size", "2", "--out-dir", str(out)]) == 0
+    (path,) = out.glob("*tiny-image-tp2.json")
+    result = json.loads(path.read_text())
+    assert result["kernels"]["tensor_parallel_size"] == 2 and len(result["kernels"]["weight_bytes_per_rank"]) == 2
+    assert result["ovfast"]["new_tokens"] == 4 and "transformers" not in result
+    assert "(tensor parallel)" in capsys.readouterr().out
+    assert not list((tmp_path / "cache").rglob("*.safetensors"))
+
+
+def test_bench_tensor_parallel_refuses_a_transformers_comparison(tmp_path, monkeypatch):
+    import pytest
+
+    monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(SystemExit, match="--no-transformers"):
+        main(["bench", "--model", "tiny", "--tensor-parallel-size", "2", "--out-dir", str(tmp_path / "out")])

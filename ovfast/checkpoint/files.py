@@ -70,7 +70,7 @@ def open_checkpoint(model: str | os.PathLike, need_weights: bool = True) -> Chec
         tokenizer_config=tokenizer_config,
         tokenizer_file=tokenizer_file,
         chat_template=_chat_template(path, tokenizer_config),
-        weight_files=_weight_files(path) if need_weights else [],
+        weight_files=_weight_files(path) if need_weights and not _random_without_weights(path, config) else [],
     )
 
 
@@ -122,6 +122,11 @@ def _chat_template(path: Path, tokenizer_config: dict) -> str | None:
     if isinstance(template, dict):
         template = template.get("default")
     return template
+
+
+def _random_without_weights(path: Path, config: dict) -> bool:
+    """A random-weight checkpoint written without weights: loading makes them (``random_weights``)."""
+    return "ovfast_random_weights" in config and not any(path.glob("*.safetensors"))
 
 
 def _weight_files(path: Path) -> list[Path]:

@@ -15,6 +15,7 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelLoadError
+from .random_weights import random_tensors
 from .weight_names import canonical_name
 
 # Present in checkpoints, never used on the feature path (REFERENCE.md section 2).
@@ -47,6 +48,18 @@ def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[
 
 def _read_slice(handle, key: str, index: tuple | None = None) -> torch.Tensor:
     return handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
+
+
+def checkpoint_tensors(ckpt, device) -> Iterator[tuple[str, str, Callable[..., torch.Tensor]]]:
+    """The tensors of a checkpoint: its safetensors files, or, for a random-weight checkpoint
+    written without them, random ones made on ``device`` (``random_weights``)."""
+    if ckpt.weight_files:
+        return safetensors_tensors(ckpt.weight_files)
+    if ckpt.random_weights is None:
+        raise ModelLoadError(f"{ckpt.path} has no safetensors weights")
+    if "text_config" not in ckpt.config:
+        raise ModelLoadError(f"{ckpt.path}: random weights are made for the llava-hf layout only; this config has none")
+    return random_tensors(ckpt.config, seed=ckpt.random_weights.get("seed", 0), device=device)
 
 
 def mapping_tensors(state: Mapping[str, torch.Tensor]) -> Iterator[tuple[str, str, Callable[..., torch.Tensor]]]:

@@ -21,7 +21,7 @@ from ..checkpoint import original
 from ..checkpoint.files import Checkpoint, open_checkpoint
 from ..checkpoint.prompts import LLAVA_OV_CHAT_TEMPLATE
 from ..checkpoint.tokenizer import ChatTemplate, Tokenizer
-from ..checkpoint.weights import feature_path_skips, load_weights, mapping_tensors, safetensors_tensors
+from ..checkpoint.weights import checkpoint_tensors, feature_path_skips, load_weights, mapping_tensors
 from ..distributed import plan_shards
 from ..distributed.plan import check_parallel_size
 from ..errors import ConfigError, EngineBusyError, GenerationParamsError, OvfastError, UnsupportedInputError
@@ -132,14 +132,15 @@ class Engine:
                     model = LlavaOnevision(cfg, plan, self.tp)
                 model = model.to(self.dtype).to_empty(device=self.device)
                 model.language_model.tie_and_zero_padding()  # to_empty re-creates parameters
-                tensors = mapping_tensors(weights) if weights is not None else safetensors_tensors(ckpt.weight_files)
+                tensors = mapping_tensors(weights) if weights is not None else checkpoint_tensors(ckpt, self.device)
                 layers = len(model.vision_tower.layers)
                 self.skipped_tensors = load_weights(model.weight_destinations(), tensors,
                                                     lambda name: feature_path_skips(name, cfg, layers))
-                if self.tp:
-                    tensor_parallel.ready(self.tp)
+                mine = {"error": None, "weight_bytes": tensor_parallel.parameter_bytes(model)}
+                self._rank_reports = tensor_parallel.ready(self.tp, mine, self._workers.launch) if self.tp else [mine]
             except BaseException:
                 if self._workers:
+                    self._workers.abort()
                     self._workers.stop()
                 raise
             model.language_model.set_max_positions(cache_len)
@@ -186,33 +187,40 @@ class Engine:
                 self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
                 torch.cuda.set_device(self.device)
         tensor_parallel.check_devices(1 if launched else size, self.device)
+        tensor_parallel.check_free(size)
         spec = tensor_parallel.WorkerSpec(
             checkpoint=str(self.checkpoint.path), semantics=semantics, dtype=str(self.dtype).removeprefix("torch."),
             device_type=self.device.type, first_gpu=self.device.index or 0, slots=self.config.max_batch_size,
             cache_len=cache_len, scratch=max_seq_len)
         if launched is not None:
-            tp = tensor_parallel.init_group(launched[0], size, self.device, None)
+            tp = tensor_parallel.join(launched[0], size, self.device)
             if tp.rank > 0:
-                tensor_parallel.serve(tp, spec, self.device)
-                raise SystemExit(0)  # this rank's part is done when rank 0 closes
-            procs = []
-        else:
-            procs, init = tensor_parallel.start_workers(size, spec)
-            try:
-                tp = tensor_parallel.init_group(0, size, self.device, init)
-            except BaseException:
-                for p in procs:
-                    p.kill()
-                raise
-        return tp, tensor_parallel.Workers(tp, procs, self._worker_died)
+                raise SystemExit(tensor_parallel.serve(tp, spec, self.device))  # returns when rank 0 closes
+            return tp, tensor_parallel.Workers(tp, None, self._worker_died)
+        launch = tensor_parallel.Launch(size, spec)
+        try:
+            launch.wait_joined()
+            tp = tensor_parallel.join(0, size, self.device, launch.store)
+        except BaseException:
+            launch.kill()
+            raise
+        return tp, tensor_parallel.Workers(tp, launch, self._worker_died)
 
-    def _failure(self) -> str | None:
-        """Why the engine can no longer run (a dead tensor-parallel worker), or None."""
-        return self._workers.dead() if self._workers is not None else None
+    def _fatal(self) -> str | None:
+        """After a failed device step: why the engine cannot go on, or None when it can. Under
+        tensor parallelism every failure is fatal (the ranks no longer agree on what runs next)."""
+        if self._workers is None:
+            return None
+        dead = self._workers.dead(wait=2.0)
+        return dead or "a tensor-parallel step failed; the ranks are out of step"
 
     def _worker_died(self, reason: str) -> None:
-        """The monitor saw a worker exit: refuse new requests, fail the running ones, stop cleanly."""
-        self._scheduler.abort(reason)
+        """The monitor saw a worker exit: refuse new requests, fail the running ones, end the other
+        workers (nothing may wait on the dead one)."""
+        scheduler = getattr(self, "_scheduler", None)
+        if scheduler is not None:  # (while loading, ``ready`` reports it)
+            scheduler.abort(reason)
+        self._workers.abort()
 
     # --- public API ---------------------------------------------------------------------------
 
@@ -366,13 +374,9 @@ class Engine:
 
     def _parallel_info(self) -> dict:
         """Per-rank memory: rank 0 holds the vision tower and projector beside its decoder share."""
-        lm = self.model.language_model
-        shard = sum(p.numel() * p.element_size() for p in {id(p): p for p in lm.parameters()}.values())
-        total = sum(p.numel() * p.element_size() for p in {id(p): p for p in self.model.parameters()}.values())
-        size = self.tp.size if self.tp else 1
-        return {"tensor_parallel_size": size,
-                "weight_bytes_per_rank": [total] + [shard] * (size - 1),
-                "kv_cache_bytes_per_rank": [self.cache.nbytes] * size}
+        return {"tensor_parallel_size": self.tp.size if self.tp else 1,
+                "weight_bytes_per_rank": [r["weight_bytes"] for r in self._rank_reports],
+                "kv_cache_bytes_per_rank": [self.cache.nbytes] + [r["kv_cache_bytes"] for r in self._rank_reports[1:]]}
 
     def stats(self) -> dict:
         """Now: running / waiting requests, free slots, KV tokens used of total; so far: requests

@@ -233,15 +233,21 @@ class Scheduler:
                 except Exception:  # a defect, not a request error: fail what runs, keep serving
                     self.errors.append(traceback.format_exc())
                     in_flight = None
-                    reason = self.engine._failure()
-                    if reason is not None:  # the engine cannot go on (a worker died mid-step)
-                        self.abort(reason)
+                    if self._abort_if_fatal():
                         continue
                     self._fail_all(RuntimeError("ovfast: the engine failed during a step:\n" + self.errors[-1]))
                 if closing and not self._running and in_flight is None:
                     with self._cond:
                         self._thread = None
                     return
+
+    def _abort_if_fatal(self) -> bool:
+        """After a defect: True, and aborted with the engine's reason, when the engine cannot go on
+        (under tensor parallelism, a dead worker or a failed collective)."""
+        reason = self.engine._fatal()
+        if reason is not None:
+            self.abort(reason)
+        return reason is not None
 
     def _release(self, slot: int, completion=None, error=None) -> None:
         handle, seq = self._running.pop(slot)
@@ -285,6 +291,7 @@ class Scheduler:
             self.engine.runner.retire(slot)
             handle._finish(error=RuntimeError(f"ovfast: vision encoding failed: {e!r}"))
             self.errors.append(traceback.format_exc())
+            self._abort_if_fatal()
             return
         self._running[slot] = (handle, seq)
 
@@ -292,8 +299,12 @@ class Scheduler:
         fn, handle = job
         try:
             result = fn(slot)
+        except OvfastError as e:
+            handle._finish(error=e)
         except BaseException as e:
             handle._finish(error=e)
+            self.errors.append(traceback.format_exc())
+            self._abort_if_fatal()
         else:
             handle._finish(result)
         finally:

@@ -7,18 +7,31 @@ call's input tensors broadcast, so every rank then runs the same call on its sha
 others in the same collectives. Workers hold no vision tower, no tokenizer state and no
 requests: only their decoder shard and KV-cache shard.
 
-Processes: ``start_workers`` spawns ranks 1..N-1 on this machine (one GPU each, or the CPU with
-gloo); under ``torchrun`` every process is started already and ``ovfast.load`` on a rank > 0
-runs ``serve`` and exits when rank 0 closes.
+Processes. ``Launch`` starts ranks 1..N-1 on this machine as fresh interpreters running
+``worker_main`` (one GPU each, or the CPU with gloo). Not ``multiprocessing``'s spawn: that
+re-imports the caller's ``__main__``, so a script without an ``if __name__ == "__main__"`` guard
+would start workers that die before joining. Rank 0 hosts the rendezvous store and, while waiting
+for each worker (to join, then to load), polls the processes: a worker that dies is reported with
+its rank and exit status instead of a hang. Under ``torchrun`` every rank is started already and
+``ovfast.load`` on a rank > 0 serves rank 0 and exits when rank 0 closes.
+
+Two groups: the data group (NCCL on CUDA, gloo on the CPU) carries the decoder's collectives, on
+fixed buffers a CUDA graph can capture, and fails after ``OVFAST_TP_TIMEOUT_S``; the control
+group (gloo) carries rank 0's commands and waits as long as the engine idles. A peer that exits
+closes its gloo sockets, so the others' next collective fails at once rather than timing out.
 """
 from __future__ import annotations
 
+import atexit
+import dataclasses
 import datetime
-import multiprocessing
+import json
 import os
 import socket
+import subprocess
 import sys
 import threading
+import time
 import traceback
 from dataclasses import dataclass
 
@@ -28,28 +41,40 @@ import torch.distributed as dist
 from ..checkpoint import original
 from ..checkpoint.files import open_checkpoint
 from ..checkpoint.tokenizer import Tokenizer
-from ..checkpoint.weights import feature_path_skips, load_weights, safetensors_tensors
+from ..checkpoint.weights import checkpoint_tensors, feature_path_skips, load_weights
 from ..distributed import TensorParallel, plan_shards
-from ..errors import ConfigError
+from ..errors import ConfigError, ModelLoadError
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
 from .decode import DecodeRunner
 from .kv_cache import KVCache
 
-_TIMEOUT_S = float(os.environ.get("OVFAST_TP_TIMEOUT_S", "600"))  # a collective waiting longer is a failure
+_TIMEOUT_S = float(os.environ.get("OVFAST_TP_TIMEOUT_S", "600"))  # a data collective waiting longer is a failure
+_JOIN_TIMEOUT_S = float(os.environ.get("OVFAST_TP_JOIN_TIMEOUT_S", "300"))  # workers' start and rendezvous
+_IDLE = datetime.timedelta(days=365)  # control group: a worker waits for the next command as long as rank 0 idles
+
+# A worker is a fresh interpreter: `python -c _WORKER SPEC STORE RANK SIZE`.
+_WORKER = "import sys; from ovfast.runtime.tensor_parallel import worker_main; sys.exit(worker_main(sys.argv[1:]))"
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
-    """What a worker needs to build its shard, all picklable (spawn start method)."""
+    """What a worker needs to build its shard (sent as JSON on its command line)."""
 
     checkpoint: str
     semantics: str | None
     dtype: str  # "float32", "bfloat16", "float16"
     device_type: str  # "cuda" or "cpu"
-    first_gpu: int  # rank r uses cuda:(first_gpu + r)
+    first_gpu: int  # spawned rank r uses cuda:(first_gpu + r)
     slots: int
     cache_len: int
     scratch: int
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> "WorkerSpec":
+        return cls(**json.loads(text))
 
 
 def from_torchrun() -> tuple[int, int] | None:
@@ -61,6 +86,7 @@ def from_torchrun() -> tuple[int, int] | None:
 
 
 def check_devices(size: int, device: torch.device) -> None:
+    """ConfigError unless ``size`` ranks from ``device`` fit this machine (one GPU each)."""
     if device.type == "cuda":
         first = device.index or 0
         if first + size > torch.cuda.device_count():
@@ -70,48 +96,119 @@ def check_devices(size: int, device: torch.device) -> None:
         raise ConfigError(f"tensor parallelism runs on CUDA (NCCL) or the CPU (gloo), not {device.type}")
 
 
-def init_group(rank: int, size: int, device: torch.device, init_method: str | None) -> TensorParallel:
-    """Join the process group (env:// under torchrun) and make the control group."""
+def check_free(size: int) -> None:
+    """One tensor-parallel engine per process: it owns the default process group."""
+    if dist.is_initialized() and from_torchrun() is None:
+        raise ConfigError("a tensor-parallel engine is already running in this process; close() it first "
+                          f"(this one asked for tensor_parallel_size {size})")
+
+
+def loopback_env() -> dict[str, str]:
+    """Socket settings that keep one machine's ranks on the loopback interface (gloo and NCCL would
+    otherwise use the address the host name resolves to); the caller's own settings win."""
+    lo = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+    if lo is None:  # pragma: no cover - every Unix has one
+        return {}
+    return {var: os.environ.get(var, lo) for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+
+
+def join(rank: int, size: int, device: torch.device, store: dist.Store | None = None) -> TensorParallel:
+    """Join the process group and make the control group: through ``store`` (ranks this machine
+    started, kept on loopback), or env:// under torchrun (its settings, for several nodes)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    timeout = datetime.timedelta(seconds=_TIMEOUT_S)
-    if not dist.is_initialized():
-        kw = {"device_id": device} if backend == "nccl" else {}
-        dist.init_process_group(backend, init_method=init_method or "env://", rank=rank, world_size=size,
-                                timeout=timeout, **kw)
-    control = dist.new_group(backend="gloo", timeout=timeout) if backend == "nccl" else None
+    local = loopback_env() if store is not None else {}
+    saved = {var: os.environ.get(var) for var in local}
+    os.environ.update(local)  # read as each group is made; restored below
+    try:
+        if not dist.is_initialized():
+            kw = {"device_id": device} if backend == "nccl" else {}
+            if store is not None:
+                kw["store"] = store
+            else:
+                kw["init_method"] = "env://"
+            dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=_TIMEOUT_S),
+                                    **kw)
+        control = dist.new_group(backend="gloo", timeout=_IDLE)
+    finally:
+        for var, value in saved.items():
+            if value is None:
+                os.environ.pop(var, None)
+            else:
+                os.environ[var] = value
     return TensorParallel(rank=rank, size=size, group=None, control=control, backend=backend)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+class Launch:
+    """Ranks 1..size-1 of an engine, started on this machine, and the store they meet at."""
+
+    def __init__(self, size: int, spec: WorkerSpec):
+        self.size = size
+        # The store listens on loopback only (by itself it would take every interface).
+        self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
+        port = self._listener.getsockname()[1]
+        self.store = dist.TCPStore("127.0.0.1", port, size, is_master=True, wait_for_workers=False,
+                                   timeout=datetime.timedelta(seconds=_JOIN_TIMEOUT_S),
+                                   master_listen_fd=self._listener.fileno())
+        env = {**os.environ, **loopback_env()}
+        if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe them
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // size))
+        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(var, None)
+        self.procs = [
+            subprocess.Popen([sys.executable, "-c", _WORKER, spec.to_json(), f"127.0.0.1:{port}", str(r),
+                              str(size)], env=env, stdin=subprocess.DEVNULL,
+                             start_new_session=True)  # Ctrl-C reaches rank 0 alone, which stops them in order
+            for r in range(1, size)
+        ]
+
+    def dead(self) -> str | None:
+        """Which worker has exited, with its status, or None while all run."""
+        for rank, p in enumerate(self.procs, start=1):
+            if p.poll() is not None:
+                return f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with status {p.returncode}"
+        return None
+
+    def wait_joined(self) -> None:
+        """Until every worker has reached the rendezvous; ModelLoadError if one dies or time runs out."""
+        keys = [f"joined/{r}" for r in range(1, self.size)]
+        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        while not self.store.check(keys):
+            reason = self.dead()
+            if reason is not None:
+                raise ModelLoadError(f"{reason} before joining (its error is printed above)")
+            if time.monotonic() > deadline:
+                raise ModelLoadError(f"tensor-parallel workers did not start within {_JOIN_TIMEOUT_S:.0f} s "
+                                     "(OVFAST_TP_JOIN_TIMEOUT_S)")
+            time.sleep(0.02)
+
+    def kill(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+        for p in self.procs:
+            p.wait()
 
 
-def start_workers(size: int, spec: WorkerSpec) -> tuple[list, str]:
-    """Spawn ranks 1..size-1 on this machine; returns (processes, init method for rank 0)."""
-    init = f"tcp://127.0.0.1:{free_port()}"
-    ctx = multiprocessing.get_context("spawn")
-    procs = []
-    for rank in range(1, size):
-        p = ctx.Process(target=_worker_entry, args=(rank, size, init, spec), name=f"ovfast-tp-{rank}", daemon=True)
-        p.start()
-        procs.append(p)
-    return procs, init
+def worker_main(argv: list[str]) -> int:
+    """A spawned worker: ``SPEC_JSON HOST:PORT RANK SIZE``."""
+    spec, where, rank, size = WorkerSpec.from_json(argv[0]), argv[1], int(argv[2]), int(argv[3])
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), name="ovfast-tp-parent", daemon=True).start()
+    host, port = where.rsplit(":", 1)
+    device = torch.device("cuda", spec.first_gpu + rank) if spec.device_type == "cuda" else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    store = dist.TCPStore(host, int(port), size, is_master=False, timeout=datetime.timedelta(seconds=_JOIN_TIMEOUT_S))
+    store.set(f"joined/{rank}", "1")
+    tp = join(rank, size, device, store)
+    return serve(tp, spec, device)
 
 
-def _worker_entry(rank: int, size: int, init: str, spec: WorkerSpec) -> None:
-    try:
-        device = torch.device("cuda", spec.first_gpu + rank) if spec.device_type == "cuda" else torch.device("cpu")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        tp = init_group(rank, size, device, init)
-        serve(tp, spec, device)
-    except BaseException:
-        traceback.print_exc()
-        sys.stderr.flush()
-        os._exit(1)
-    os._exit(0)
+def _exit_with_parent(parent: int) -> None:
+    """A spawned worker ends when rank 0's process is gone, even killed outright while this rank
+    waits inside a collective that would otherwise run to its timeout."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(3)
 
 
 def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
@@ -126,7 +223,7 @@ def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
     lm.tie_and_zero_padding()
     tower = cfg.vision_layers_used
     # Everything outside the decoder is rank 0's: skipped unread, as are the feature path's spares.
-    load_weights(lm.weight_destinations(), safetensors_tensors(ckpt.weight_files),
+    load_weights(lm.weight_destinations(), checkpoint_tensors(ckpt, device),
                  lambda name: not name.startswith(("lm.", "lm_head.")) or feature_path_skips(name, cfg, tower))
     lm.set_max_positions(spec.cache_len)
     lm = lm.eval().requires_grad_(False)
@@ -135,44 +232,84 @@ def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
     return lm, cache, runner
 
 
+def parameter_bytes(module: torch.nn.Module) -> int:
+    """Bytes of ``module``'s parameters, a tied one counted once."""
+    return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
+
+
 @torch.inference_mode()
-def serve(tp: TensorParallel, spec: WorkerSpec, device: torch.device) -> None:
-    """A worker's life: build the shard, report ready, then run rank 0's calls until "stop"."""
+def serve(tp: TensorParallel, spec: WorkerSpec, device: torch.device) -> int:
+    """A worker's life: build the shard, report to rank 0, then run rank 0's calls until "stop".
+    Returns the process's exit status."""
     try:
         lm, cache, runner = build_shard(spec, tp, device)
-        error = None
+        report = {"error": None, "weight_bytes": parameter_bytes(lm), "kv_cache_bytes": cache.nbytes}
     except Exception as e:  # reported to rank 0, which raises it from load()
-        error = f"rank {tp.rank}: {type(e).__name__}: {e}"
-    status = [None] * tp.size
-    dist.all_gather_object(status, error, group=tp.control)
-    if any(status):
-        return
-    while True:
-        op, meta = tp.receive()
-        if op == "stop":
-            return
-        if op == "embed":
-            lm.embed(tp.broadcast(torch.empty(meta["n"], dtype=torch.long, device=device)))
-        elif op == "forward":
-            h = tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device))
-            lm(h, ForwardBatch.prefill(meta["slot"], meta["shape"][0], device, start=meta["start"]), cache.k, cache.v)
-        elif op == "logits":
-            lm.logits(tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device)))
-        elif op == "decode":
-            runner.step(meta["rows"], meta["general"])
-        elif op == "capture":
-            runner.capture_all()
-        else:  # pragma: no cover - rank 0 sends only the above
-            raise RuntimeError(f"unknown tensor-parallel command {op!r}")
+        report = {"error": f"rank {tp.rank}: {type(e).__name__}: {e}"}
+    try:
+        reports = [None] * tp.size
+        dist.all_gather_object(reports, report, group=tp.control)
+        if any(r["error"] for r in reports):
+            return 1
+        while True:
+            op, meta = tp.receive()
+            if op == "stop":
+                return 0
+            if op == "embed":
+                lm.embed(tp.broadcast(torch.empty(meta["n"], dtype=torch.long, device=device)))
+            elif op == "forward":
+                h = tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device))
+                lm(h, ForwardBatch.prefill(meta["slot"], meta["shape"][0], device, start=meta["start"]), cache.k, cache.v)
+            elif op == "logits":
+                lm.logits(tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device)))
+            elif op == "decode":
+                runner.step(meta["rows"], meta["general"])
+            elif op == "capture":
+                runner.capture_all()
+            else:  # pragma: no cover - rank 0 sends only the above
+                raise RuntimeError(f"unknown tensor-parallel command {op!r}")
+    except Exception as e:
+        if "closed by peer" in str(e):  # rank 0 went away (its sockets closed): nothing is left to serve
+            print(f"ovfast tensor-parallel rank {tp.rank}: rank 0 has gone; stopping", file=sys.stderr)
+        else:
+            traceback.print_exc()
+        return 2
+    finally:
+        _leave()
 
 
-def ready(tp: TensorParallel, error: str | None = None) -> None:
-    """Rank 0: wait for every worker's shard; raise the first worker's load error."""
-    status = [None] * tp.size
-    dist.all_gather_object(status, error, group=tp.control)
-    failed = [s for s in status if s]
+def ready(tp: TensorParallel, mine: dict, launch: Launch | None) -> list[dict]:
+    """Rank 0: wait until every worker has built its shard; each rank's report (weight and KV-cache
+    bytes), rank-ordered. ModelLoadError naming the rank if one failed to load or died."""
+    reports = [None] * tp.size
+    try:
+        dist.all_gather_object(reports, mine, group=tp.control)
+    except RuntimeError as e:  # a worker's sockets closed: it died while loading
+        reason = _wait_dead(launch)
+        raise ModelLoadError((reason or "a tensor-parallel worker failed") + f" while loading its shard ({e})") from e
+    failed = [r["error"] for r in reports if r["error"]]
     if failed:
-        raise ConfigError("tensor-parallel workers failed to load: " + "; ".join(failed))
+        raise ModelLoadError("tensor-parallel workers failed to load: " + "; ".join(failed))
+    return reports
+
+
+def _wait_dead(launch: Launch | None, seconds: float = 2.0) -> str | None:
+    """The exited worker, allowing its exit a moment to become visible after its sockets closed."""
+    deadline = time.monotonic() + seconds
+    while launch is not None:
+        reason = launch.dead()
+        if reason is not None or time.monotonic() > deadline:
+            return reason
+        time.sleep(0.02)
+    return None
+
+
+def _leave() -> None:
+    if dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # pragma: no cover - a broken group may not tear down cleanly
+            pass
 
 
 class MirroredLM:
@@ -200,51 +337,65 @@ class MirroredLM:
 
 
 class Workers:
-    """Rank 0's view of the workers it spawned: liveness, and a clean stop."""
+    """Rank 0's hold on the group: the workers it spawned (none under torchrun), a monitor that
+    reports a worker's death once, and a clean stop (also at interpreter exit)."""
 
-    def __init__(self, tp: TensorParallel, procs: list, on_death):
-        self.tp, self.procs = tp, procs
+    def __init__(self, tp: TensorParallel, launch: Launch | None, on_death):
+        self.tp, self.launch = tp, launch
         self._stopped = threading.Event()
-        self._watch = threading.Thread(target=self._monitor, args=(on_death,), name="ovfast-tp-monitor", daemon=True)
-        if procs:
-            self._watch.start()
+        self._lock = threading.Lock()
+        self.first_death: str | None = None  # the worker that died first (abort() then ends the others)
+        atexit.register(self.stop)
+        if launch is not None:
+            threading.Thread(target=self._monitor, args=(on_death,), name="ovfast-tp-monitor", daemon=True).start()
 
     def _monitor(self, on_death) -> None:
         while not self._stopped.wait(0.2):
-            for rank, p in enumerate(self.procs, start=1):
-                if p.exitcode is not None and not self._stopped.is_set():
-                    self._stopped.set()
-                    on_death(f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}")
-                    return
+            reason = self.dead()
+            if reason is not None and not self._stopped.is_set():
+                on_death(reason)
+                return
 
-    def dead(self) -> str | None:
-        for rank, p in enumerate(self.procs, start=1):
-            if p.exitcode is not None:
-                return f"tensor-parallel worker rank {rank} (pid {p.pid}) exited with code {p.exitcode}"
-        return None
+    def dead(self, wait: float = 0.0) -> str | None:
+        """Which worker died first, or None while all live (``wait``: give an exit that is under way a moment)."""
+        if self.first_death is None and self.launch is not None:
+            reason = _wait_dead(self.launch, wait)
+            with self._lock:  # the first seen stays: abort() then ends the others
+                self.first_death = self.first_death or reason
+        return self.first_death
+
+    def abort(self) -> None:
+        """After a worker's death: end the others and break the group, so nothing waits on it."""
+        if self.tp.backend == "nccl":  # an NCCL collective would otherwise wait out its timeout
+            abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+            if abort_group is not None:
+                try:
+                    abort_group()
+                except Exception:  # pragma: no cover
+                    pass
+        if self.launch is not None:
+            self.launch.kill()
 
     def stop(self) -> None:
-        """Tell the workers to finish (if they all live), then reap them."""
-        if self._stopped.is_set() and not self.procs:
-            return
-        alive = self.dead() is None
-        self._stopped.set()
-        if alive:
+        """Tell the workers to finish (when all live), reap them and leave the group. Idempotent."""
+        with self._lock:
+            if self._stopped.is_set():
+                return
+            self._stopped.set()
+        atexit.unregister(self.stop)
+        if self.dead() is None:
             try:
                 self.tp.send(("stop", {}))
             except Exception:  # pragma: no cover - a worker went away meanwhile
                 pass
-        for p in self.procs:
-            p.join(10)
-            if p.is_alive():  # pragma: no cover - stuck in a collective
-                p.kill()
-                p.join(5)
-        self.procs = []
-        if dist.is_initialized():
-            try:
-                dist.destroy_process_group()
-            except Exception:  # pragma: no cover
-                pass
+        if self.launch is not None:
+            for p in self.launch.procs:
+                try:
+                    p.wait(30)
+                except subprocess.TimeoutExpired:  # pragma: no cover - stuck in a collective
+                    p.kill()
+                    p.wait()
+        _leave()
 
 
 def _name(dtype: torch.dtype) -> str:

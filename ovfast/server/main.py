@@ -16,6 +16,7 @@ import sys
 import uvicorn
 
 from ..runtime.engine import load
+from ..runtime.tensor_parallel import from_torchrun
 from .app import Server, ServerConfig, create_app, log
 from .media import MediaPolicy
 
@@ -45,6 +46,8 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-video-frames", type=int, default=64)
     g.add_argument("--prefill-chunk", type=int, default=1024)
     g.add_argument("--preprocess-workers", type=int, default=2)
+    g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="cut the decoder across N GPUs; under torchrun, rank 0 serves HTTP")
     g.add_argument("--semantics", choices=["original", "transformers"],
                    help="whose reference to reproduce (default by checkpoint family: lmms-lab original, llava-hf transformers)")
     return p
@@ -57,7 +60,12 @@ def main(argv: list[str] | None = None) -> int:
     load_options = dict(device=args.device, dtype=args.dtype, max_batch_size=args.max_batch_size,
                         max_queue=args.max_queue, max_seq_len=args.max_seq_len, max_images=args.max_images,
                         max_video_frames=args.max_video_frames, prefill_chunk=args.prefill_chunk,
-                        preprocess_workers=args.preprocess_workers, semantics=args.semantics)
+                        preprocess_workers=args.preprocess_workers, semantics=args.semantics,
+                        tensor_parallel_size=args.tensor_parallel_size)
+    launched = from_torchrun()
+    if launched is not None and launched[0] > 0 and args.tensor_parallel_size > 1:
+        load(args.model, **load_options)  # this rank serves rank 0's decoder inside load() and exits there
+        return 0
     config = ServerConfig(
         model=args.model, served_model_name=args.served_model_name,
         api_key=args.api_key or os.environ.get("OVFAST_API_KEY"), max_request_bytes=args.max_request_bytes,

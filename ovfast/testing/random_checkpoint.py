@@ -19,8 +19,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from ..checkpoint.hf_files import added_token_entry, write_json, write_processor_files
+from ..checkpoint.random_weights import random_tensor, tensor_specs
 from ..checkpoint.weight_names import LAYOUTS, disk_name
-from .random_tokenizer import SPECIAL_TOKENS, build_tokenizer
+from .random_tokenizer import QWEN2_TOKENIZER_CONFIG, SPECIAL_TOKENS, build_tokenizer
 
 _QWEN2_SPECIALS = SPECIAL_TOKENS[:3]  # <|endoftext|>, <|im_start|>, <|im_end|>: what Qwen2's own tokenizer adds
 
@@ -139,68 +140,6 @@ def build_config(preset: str = "tiny", *, text: dict | None = None, vision: dict
     }
 
 
-def tensor_specs(config: dict) -> list[tuple[str, tuple[int, ...], str]]:
-    """(canonical name, shape, init kind) of every tensor a checkpoint of this config stores."""
-    t, v = config["text_config"], config["vision_config"]
-    D, V, I = t["hidden_size"], t["vocab_size"], t["intermediate_size"]
-    hd = t.get("head_dim") or D // t["num_attention_heads"]
-    q_out, kv_out = t["num_attention_heads"] * hd, t["num_key_value_heads"] * hd
-    E, P, F = v["hidden_size"], v["patch_size"], v["intermediate_size"]
-    grid = v["image_size"] // P
-    specs = [
-        ("vision.embeddings.patch_embedding.weight", (E, 3, P, P), "weight"),
-        ("vision.embeddings.patch_embedding.bias", (E,), "bias"),
-        ("vision.embeddings.position_embedding.weight", (grid * grid, E), "weight"),
-    ]
-    for i in range(v["num_hidden_layers"]):
-        pre = f"vision.encoder.layers.{i}."
-        for ln in ("layer_norm1", "layer_norm2"):
-            specs += [(pre + ln + ".weight", (E,), "norm"), (pre + ln + ".bias", (E,), "bias")]
-        for proj in ("q_proj", "k_proj", "v_proj", "out_proj"):
-            specs += [(pre + f"self_attn.{proj}.weight", (E, E), "weight"), (pre + f"self_attn.{proj}.bias", (E,), "bias")]
-        specs += [
-            (pre + "mlp.fc1.weight", (F, E), "weight"), (pre + "mlp.fc1.bias", (F,), "bias"),
-            (pre + "mlp.fc2.weight", (E, F), "weight"), (pre + "mlp.fc2.bias", (E,), "bias"),
-        ]
-    specs += [("vision.post_layernorm.weight", (E,), "norm"), ("vision.post_layernorm.bias", (E,), "bias")]
-    specs += [
-        ("projector.linear_1.weight", (D, E), "weight"), ("projector.linear_1.bias", (D,), "bias"),
-        ("projector.linear_2.weight", (D, D), "weight"), ("projector.linear_2.bias", (D,), "bias"),
-        ("image_newline", (D,), "embedding"),
-        ("lm.embed_tokens.weight", (V, D), "embedding"),
-    ]
-    for i in range(t["num_hidden_layers"]):
-        pre = f"lm.layers.{i}."
-        specs += [
-            (pre + "input_layernorm.weight", (D,), "norm"),
-            (pre + "self_attn.q_proj.weight", (q_out, D), "weight"), (pre + "self_attn.q_proj.bias", (q_out,), "bias"),
-            (pre + "self_attn.k_proj.weight", (kv_out, D), "weight"), (pre + "self_attn.k_proj.bias", (kv_out,), "bias"),
-            (pre + "self_attn.v_proj.weight", (kv_out, D), "weight"), (pre + "self_attn.v_proj.bias", (kv_out,), "bias"),
-            (pre + "self_attn.o_proj.weight", (D, q_out), "weight"),
-            (pre + "post_attention_layernorm.weight", (D,), "norm"),
-            (pre + "mlp.gate_proj.weight", (I, D), "weight"),
-            (pre + "mlp.up_proj.weight", (I, D), "weight"),
-            (pre + "mlp.down_proj.weight", (D, I), "weight"),
-        ]
-    specs.append(("lm.norm.weight", (D,), "norm"))
-    if not config["tie_word_embeddings"]:
-        specs.append(("lm_head.weight", (V, D), "embedding"))
-    return specs
-
-
-def _random_tensor(shape, kind: str, dtype: torch.dtype, gen: torch.Generator) -> torch.Tensor:
-    x = torch.randn(shape, generator=gen, dtype=torch.float32, device=gen.device)
-    if kind == "norm":  # around 1, so the RMSNorm / LayerNorm weight multiply is exercised
-        x = 1.0 + 0.1 * x
-    elif kind == "bias":
-        x = 0.02 * x
-    elif kind == "embedding":  # wide logits: random models should not sit on argmax ties
-        x = x / math.sqrt(shape[-1])
-    else:  # 1/sqrt(fan_in): every layer moves the residual stream, so answers vary with the input
-        x = x / math.sqrt(math.prod(shape[1:]))
-    return x.to(dtype)
-
-
 def random_state(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.bfloat16, device="cpu") -> dict[str, torch.Tensor]:
     """Random weights for ``config`` as an in-memory state dict (transformers 5.x names), made on ``device``.
 
@@ -208,7 +147,7 @@ def random_state(config: dict, *, seed: int = 0, dtype: torch.dtype = torch.bflo
     (the 7B and 72B shapes): latency does not depend on the weights' values.
     """
     gen = torch.Generator(device=device).manual_seed(seed)
-    return {disk_name(name, "transformers5"): _random_tensor(shape, kind, dtype, gen)
+    return {disk_name(name, "transformers5"): random_tensor(shape, kind, dtype, gen)
             for name, shape, kind in tensor_specs(config)}
 
 
@@ -246,6 +185,7 @@ def build_checkpoint(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     config = build_config(preset, text=text, vision=vision, extra=extra)
+    config["ovfast_random_weights"]["seed"] = seed  # a checkpoint without weights makes them from it
     p = PRESETS[preset]
     special = {t: p.bpe_vocab + i for i, t in enumerate(SPECIAL_TOKENS)}
     write_json(out / "generation_config.json", {
@@ -339,7 +279,7 @@ def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layou
         tensors = {}
         for i in members:
             name, shape, kind = specs[i]
-            tensors[disk_name(name, layout)] = _random_tensor(shape, kind, dtype, gen)
+            tensors[disk_name(name, layout)] = random_tensor(shape, kind, dtype, gen)
             weight_map[disk_name(name, layout)] = fname
         save_file(tensors, str(out / fname), metadata={"format": "pt"})
         del tensors
@@ -353,20 +293,10 @@ def _tokenizer_config(bpe_vocab: int, specials: tuple[str, ...], processor: bool
     """Qwen2's tokenizer_config.json, with the special tokens after the BPE vocabulary (``processor``:
     as a llava-hf repository saves it, left padding and the processor's class)."""
     return {
-        "add_prefix_space": False,
+        **QWEN2_TOKENIZER_CONFIG,
         "added_tokens_decoder": {str(bpe_vocab + i): added_token_entry(t) for i, t in enumerate(specials)},
-        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
-        "bos_token": None,
         "chat_template": _TOKENIZER_CHAT_TEMPLATE,
-        "clean_up_tokenization_spaces": False,
-        "eos_token": "<|im_end|>",
-        "errors": "replace",
-        "model_max_length": 32768,
-        "pad_token": "<|endoftext|>",
         **({"padding_side": "left", "processor_class": "LlavaOnevisionProcessor"} if processor else {}),
-        "split_special_tokens": False,
-        "tokenizer_class": "Qwen2Tokenizer",
-        "unk_token": None,
     }
 
 

@@ -25,7 +25,8 @@ import torch
 
 from ..inputs.media import Video
 from ..runtime.engine import Engine, load
-from ..testing.random_checkpoint import PRESETS, build_checkpoint, random_state, tensor_specs
+from ..checkpoint.random_weights import tensor_specs
+from ..testing.random_checkpoint import PRESETS, build_checkpoint
 from .demo import cache_dir, synthetic_image
 
 REQUESTS = {
@@ -73,7 +74,8 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29) -> float:
 
 def decode_bytes_per_token(engine: Engine) -> int:
     """Weight bytes one decode step reads: every decoder layer, the final norm and the lm_head
-    (the embedding table is only gathered, one row per token)."""
+    (the embedding table is only gathered, one row per token); under tensor parallelism, rank 0's
+    share (each GPU reads its own share at once)."""
     lm = engine.model.language_model
     layers = sum(p.numel() * p.element_size() for p in lm.layers.parameters())
     return layers + lm.norm.numel() * lm.norm.element_size() + lm.lm_head.numel() * lm.lm_head.element_size()
@@ -89,15 +91,25 @@ def _reset_peak(device: torch.device) -> None:
 
 
 def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int,
-            max_batch_size: int = 1):
-    """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights."""
+            max_batch_size: int = 1, tensor_parallel_size: int = 1):
+    """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights.
+
+    A preset is a checkpoint directory without weights: ovfast makes random ones on its device
+    (every tensor-parallel rank its own slice), or, to compare, takes transformers' random
+    weights so both run the same model."""
     hf = None
+    if compare and tensor_parallel_size > 1:
+        raise SystemExit("ovfast bench: transformers runs the model on one device; with --tensor-parallel-size "
+                         "add --no-transformers (and compare with a --tensor-parallel-size 1 run)")
+    options = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
+                   tensor_parallel_size=tensor_parallel_size)
     if model in PRESETS:
         path = cache_dir() / f"bench-{model}-config"
         if not (path / "config.json").is_file():
             build_checkpoint(path, model, weights=False)
         config = json.loads((path / "config.json").read_text())
-        _check_memory(config, device, dtype, copies=2 if compare else 1)
+        _check_memory(config, device, dtype, copies=2 if compare else 1, ranks=tensor_parallel_size)
+        weights = None
         if compare:
             from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
 
@@ -107,14 +119,11 @@ def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool,
                 hf = LlavaOnevisionForConditionalGeneration._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
             weights = hf.state_dict()
         else:
-            _log(f"random {model} weights on {device} ...")
-            weights = random_state(config, dtype=dtype, device=device)
-        engine = load(path, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                      weights=weights)
+            _log(f"random {model} weights on {device}" + (f" x {tensor_parallel_size} ranks" if tensor_parallel_size > 1 else "") + " ...")
+        engine = load(path, weights=weights, **options)
         del weights
     else:
-        path = model
-        engine = load(model, device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len)
+        engine = load(model, **options)
         if compare:
             from transformers import LlavaOnevisionForConditionalGeneration
 
@@ -124,14 +133,15 @@ def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool,
     return str(path), engine, (hf.eval() if hf is not None else None)
 
 
-def _check_memory(config: dict, device: torch.device, dtype: torch.dtype, copies: int) -> None:
-    """Refuse, with the numbers, a model that cannot fit (the 72B weights alone are 145 GB in bf16)."""
-    need = sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(config)) * dtype.itemsize * copies
+def _check_memory(config: dict, device: torch.device, dtype: torch.dtype, copies: int, ranks: int = 1) -> None:
+    """Refuse, with the numbers, a model that cannot fit (the 72B weights alone are 145 GB in bf16;
+    with tensor parallelism each GPU holds about 1/ranks of them)."""
+    need = sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(config)) * dtype.itemsize * copies / ranks
     have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
     if have is not None and need * 1.1 > have:
         raise SystemExit(
-            f"ovfast bench: {copies} copies of these weights need {need / 2**30:.0f} GiB; {device} has "
-            f"{have / 2**30:.0f} GiB free" + (" (try --no-transformers)" if copies > 1 else "")
+            f"ovfast bench: {copies} copies of these weights need {need / 2**30:.0f} GiB per GPU; {device} has "
+            f"{have / 2**30:.0f} GiB free" + (" (try --no-transformers)" if copies > 1 else " (try --tensor-parallel-size)")
         )
 
 
@@ -227,33 +237,37 @@ def run(args) -> dict:
     compare = not args.no_transformers
     images, videos = REQUESTS[args.request]()
     _log(f"{args.model} on {device_name(device)}, {str(dtype).removeprefix('torch.')}, request {args.request}")
-    ckpt, engine, hf = prepare(args.model, device, dtype, compare, args.max_seq_len)
-    prompt = question(engine, args.question_tokens)
-    items = images + [Video(v) for v in videos]
-    _log("ovfast ...")
-    result = {
-        "date": datetime.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
-        "model": args.model, "request": args.request, "dtype": str(dtype).removeprefix("torch."),
-        "question_tokens": args.question_tokens, "new_tokens": args.new_tokens,
-        "kernels": engine.info(), "ovfast": time_ovfast(engine, items, prompt, args.new_tokens, args.repeat),
-    }
-    bandwidth = copy_bandwidth(device)
-    per_token = decode_bytes_per_token(engine)
-    roofline = bandwidth * 1e9 / per_token
-    result["roofline"] = {
-        "copy_bandwidth_gb_s": bandwidth, "weight_bytes_per_token": per_token, "roofline_tokens_per_s": roofline,
-        "fraction_of_roofline": result["ovfast"]["decode_tokens_per_s"] / roofline,
-    }
-    if hf is not None:
-        _log("transformers ...")
-        result["transformers"] = time_transformers(hf, ckpt, images, videos, prompt, args.new_tokens, args.repeat,
-                                                   device, dtype)
-        o, t = result["ovfast"], result["transformers"]
-        result["speedup"] = {
-            "total": t["total_ms"] / o["total_ms"], "ttft": t["ttft_ms"] / o["ttft_ms"],
-            "decode_tokens_per_s": o["decode_tokens_per_s"] / max(t["decode_tokens_per_s"], 1e-9),
+    ckpt, engine, hf = prepare(args.model, device, dtype, compare, args.max_seq_len,
+                               tensor_parallel_size=args.tensor_parallel_size)
+    try:
+        prompt = question(engine, args.question_tokens)
+        items = images + [Video(v) for v in videos]
+        _log("ovfast ...")
+        result = {
+            "date": datetime.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
+            "model": args.model, "request": args.request, "dtype": str(dtype).removeprefix("torch."),
+            "question_tokens": args.question_tokens, "new_tokens": args.new_tokens,
+            "kernels": engine.info(), "ovfast": time_ovfast(engine, items, prompt, args.new_tokens, args.repeat),
         }
-    return result
+        bandwidth = copy_bandwidth(device)
+        per_token = decode_bytes_per_token(engine)
+        roofline = bandwidth * 1e9 / per_token
+        result["roofline"] = {
+            "copy_bandwidth_gb_s": bandwidth, "weight_bytes_per_token": per_token, "roofline_tokens_per_s": roofline,
+            "fraction_of_roofline": result["ovfast"]["decode_tokens_per_s"] / roofline,
+        }
+        if hf is not None:
+            _log("transformers ...")
+            result["transformers"] = time_transformers(hf, ckpt, images, videos, prompt, args.new_tokens, args.repeat,
+                                                       device, dtype)
+            o, t = result["ovfast"], result["transformers"]
+            result["speedup"] = {
+                "total": t["total_ms"] / o["total_ms"], "ttft": t["ttft_ms"] / o["ttft_ms"],
+                "decode_tokens_per_s": o["decode_tokens_per_s"] / max(t["decode_tokens_per_s"], 1e-9),
+            }
+        return result
+    finally:
+        engine.close()
 
 
 def markdown(r: dict) -> str:
@@ -263,7 +277,9 @@ def markdown(r: dict) -> str:
     ops = r["kernels"]["ops"]
     backends = "; ".join(f"{b}: {', '.join(k for k, v in ops.items() if v == b)}" for b in sorted(set(ops.values())))
     lines = [
-        f"# {r['model']}, {r['request']}: {r['device']}, {r['dtype']}, {r['date']}",
+        f"# {r['model']}, {r['request']}: {r['device']}"
+        + (f" x {r['kernels']['tensor_parallel_size']} (tensor parallel)" if r["kernels"]["tensor_parallel_size"] > 1 else "")
+        + f", {r['dtype']}, {r['date']}",
         "",
         f"{r['ovfast']['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens (eos ignored), "
         f"torch {r['torch']}. Ops: {backends}. CUDA graphs: {'on' if r['kernels']['cuda_graphs'] else 'off'}.",
@@ -307,6 +323,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device")
     p.add_argument("--max-seq-len", type=int, default=8192)
     p.add_argument("--no-transformers", action="store_true", help="ovfast only")
+    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+                   help="cut the decoder across N GPUs (needs --no-transformers); 72B needs 2 x H200 or 4 x 80 GB")
     p.add_argument("--out-dir", default="benchmarks/results")
     from . import serving_bench
 
@@ -315,7 +333,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.concurrency is not None:
         return serving_bench.main(args)
     result = run(args)
-    write_results(result, args.out_dir, f"{args.model}-{args.request}", markdown(result))
+    tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    write_results(result, args.out_dir, f"{args.model}-{args.request}{tp}", markdown(result))
     return 0
 
 

@@ -110,7 +110,8 @@ def run(args) -> dict:
     count = args.requests or 4 * args.concurrency
     _log(f"{args.model} on {device_name(device)}: {args.concurrency} clients, {count} requests, mix {args.mix}")
     _, engine, _ = prepare(args.model, device, dtype, False, args.max_seq_len,
-                           max_batch_size=args.max_batch_size or args.concurrency)
+                           max_batch_size=args.max_batch_size or args.concurrency,
+                           tensor_parallel_size=args.tensor_parallel_size)
     try:
         prompt = question(engine, args.question_tokens)
         requests = workload(count, mix, args.seed, args.video_frames)
@@ -184,5 +185,6 @@ def main(args) -> int:
     if args.concurrency < 1:
         raise SystemExit("ovfast bench: --concurrency must be at least 1")
     result = run(args)
-    write_results(result, args.out_dir, f"{args.model}-serving-c{args.concurrency}", markdown(result))
+    tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
+    write_results(result, args.out_dir, f"{args.model}-serving-c{args.concurrency}{tp}", markdown(result))
     return 0
