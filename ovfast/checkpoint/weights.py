@@ -22,15 +22,15 @@ from .weight_names import canonical_name
 _IGNORED = re.compile(r"^(vision\.post_layernorm\.|vision\.head\.|lm\.layers\.\d+\.self_attn\.rotary_emb\.)")
 
 
-def feature_path_skips(canon: str, cfg, tower_layers: int) -> bool:
-    """True for a tensor the model has but the feature path never reads: the vision head and
-    post-layernorm, tower layers from ``tower_layers`` on (past the feature layer), a tied head."""
+def feature_path_skips(canon: str, cfg) -> bool:
+    """True for a tensor the model has but the feature path never reads (``cfg``: a ``ModelConfig``):
+    the vision head and post-layernorm, tower layers past the feature layer, a tied head."""
     if _IGNORED.match(canon):
         return True
     if canon == "lm_head.weight" and cfg.text.tie_word_embeddings:
         return True  # tied: transformers uses embed_tokens and ignores a stored head
     m = re.match(r"^vision\.encoder\.layers\.(\d+)\.", canon)
-    return bool(m) and int(m.group(1)) >= tower_layers
+    return bool(m) and int(m.group(1)) >= cfg.vision_layers_used
 
 
 def safetensors_tensors(files: list[Path]) -> Iterator[tuple[str, str, Callable[..., torch.Tensor]]]:

@@ -17,13 +17,12 @@ import torch.distributed as dist
 class TensorParallel:
     rank: int
     size: int
-    group: dist.ProcessGroup | None  # data collectives
-    control: dist.ProcessGroup | None  # gloo: commands from rank 0
-    backend: str  # "nccl" or "gloo"
+    control: dist.ProcessGroup  # gloo, every rank: commands from rank 0 (data collectives use the default group)
+    backend: str  # the default group's: "nccl" or "gloo"
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum over the ranks, in place."""
-        dist.all_reduce(x, group=self.group)
+        dist.all_reduce(x)
         return x
 
     def gather_columns(self, x: torch.Tensor) -> torch.Tensor:
@@ -31,27 +30,24 @@ class TensorParallel:
         x = x.contiguous()
         if self.backend == "nccl":
             out = torch.empty((self.size, *x.shape), dtype=x.dtype, device=x.device)
-            dist.all_gather_into_tensor(out, x, group=self.group)
+            dist.all_gather_into_tensor(out, x)
             parts = out.unbind(0)
         else:
             parts = [torch.empty_like(x) for _ in range(self.size)]
-            dist.all_gather(parts, x, group=self.group)
+            dist.all_gather(parts, x)
         return torch.cat(parts, dim=-1)
 
     def broadcast(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's ``x`` into every rank's ``x``, in place."""
-        dist.broadcast(x, src=dist.get_global_rank(self.group, 0) if self.group is not None else 0, group=self.group)
+        dist.broadcast(x, src=0)
         return x
 
     def send(self, message) -> None:
         """Rank 0: a command to every worker."""
-        dist.broadcast_object_list([message], src=self._control_root(), group=self.control)
+        dist.broadcast_object_list([message], src=0, group=self.control)
 
     def receive(self):
         """A worker: the next command from rank 0 (blocks)."""
         box = [None]
-        dist.broadcast_object_list(box, src=self._control_root(), group=self.control)
+        dist.broadcast_object_list(box, src=0, group=self.control)
         return box[0]
-
-    def _control_root(self) -> int:
-        return dist.get_global_rank(self.control, 0) if self.control is not None else 0

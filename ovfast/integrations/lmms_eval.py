@@ -30,6 +30,7 @@ import numpy as np
 from lmms_eval.api.instance import Instance
 from lmms_eval.api.model import lmms
 
+from ..checkpoint.prompts import IMAGE_MARKER as IMAGE, VIDEO_MARKER as VIDEO
 from ..errors import (
     ConfigError,
     GenerationParamsError,
@@ -41,7 +42,6 @@ from ..runtime.engine import load
 
 __all__ = ["OvfastLMM", "manifest"]
 
-IMAGE, VIDEO = "<image>", "<video>"
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 # gen_kwargs lmms-eval tasks pass that mean nothing to ovfast (or are llava_onevision's own knobs).
 _IGNORED_GEN_KWARGS = {"image_aspect_ratio", "use_cache", "modalities", "stopping_criteria", "pad_token_id"}
@@ -125,7 +125,7 @@ class OvfastLMM(lmms):
         if semantics is not None:
             load_kw["semantics"] = semantics
         self.engine = load(pretrained, **load_kw)
-        self.semantics = getattr(self.engine.model_config, "semantics", "transformers")
+        self.semantics = self.engine.model_config.semantics
         self.chat_template = None  # prompts are rendered by the engine (see _prompt)
         self._window = min(self.engine.config.max_queue, 4 * self.engine.cache.slots)
 

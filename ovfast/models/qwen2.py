@@ -134,10 +134,10 @@ class Qwen2ForCausalLM(nn.Module):
         if self.cfg.tie_word_embeddings:
             self.lm_head = self.embed_tokens
         pad = len(self.plan.vocab) - len(self.plan.vocab_rows)
-        with torch.no_grad():
-            for w in {id(self.embed_tokens): self.embed_tokens, id(self.lm_head): self.lm_head}.values():
-                if pad:
-                    w[len(w) - pad:].zero_()
+        if pad:
+            with torch.no_grad():
+                self.embed_tokens[-pad:].zero_()
+                self.lm_head[-pad:].zero_()  # (the same rows again when tied)
 
     def set_max_positions(self, n: int) -> None:
         """Precompute the RoPE table for positions 0..n-1 (fp32, on the model's device)."""

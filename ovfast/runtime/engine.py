@@ -133,9 +133,8 @@ class Engine:
                 model = model.to(self.dtype).to_empty(device=self.device)
                 model.language_model.tie_and_zero_padding()  # to_empty re-creates parameters
                 tensors = mapping_tensors(weights) if weights is not None else checkpoint_tensors(ckpt, self.device)
-                layers = len(model.vision_tower.layers)
                 self.skipped_tensors = load_weights(model.weight_destinations(), tensors,
-                                                    lambda name: feature_path_skips(name, cfg, layers))
+                                                    lambda name: feature_path_skips(name, cfg))
                 mine = {"error": None, "weight_bytes": tensor_parallel.parameter_bytes(model)}
                 self._rank_reports = tensor_parallel.ready(self.tp, mine, self._workers.launch) if self.tp else [mine]
             except BaseException:

@@ -135,7 +135,7 @@ def join(rank: int, size: int, device: torch.device, store: dist.Store | None = 
                 os.environ.pop(var, None)
             else:
                 os.environ[var] = value
-    return TensorParallel(rank=rank, size=size, group=None, control=control, backend=backend)
+    return TensorParallel(rank=rank, size=size, control=control, backend=backend)
 
 
 class Launch:
@@ -152,8 +152,6 @@ class Launch:
         env = {**os.environ, **loopback_env()}
         if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // size))
-        for var in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-            env.pop(var, None)
         self.procs = [
             subprocess.Popen([sys.executable, "-c", _WORKER, spec.to_json(), f"127.0.0.1:{port}", str(r),
                               str(size)], env=env, stdin=subprocess.DEVNULL,
@@ -221,10 +219,9 @@ def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
         lm = Qwen2ForCausalLM(cfg.text, plan, tp)
     lm = lm.to(dtype).to_empty(device=device)
     lm.tie_and_zero_padding()
-    tower = cfg.vision_layers_used
     # Everything outside the decoder is rank 0's: skipped unread, as are the feature path's spares.
     load_weights(lm.weight_destinations(), checkpoint_tensors(ckpt, device),
-                 lambda name: not name.startswith(("lm.", "lm_head.")) or feature_path_skips(name, cfg, tower))
+                 lambda name: not name.startswith(("lm.", "lm_head.")) or feature_path_skips(name, cfg))
     lm.set_max_positions(spec.cache_len)
     lm = lm.eval().requires_grad_(False)
     cache = KVCache(cfg.text, spec.slots, spec.cache_len, dtype, device, kv_heads=len(plan.kv_heads))

@@ -117,7 +117,7 @@ def _write_weights(files: list[Path], out: Path, cfg: ModelConfig, rows: int, ne
         if canon is None:
             unknown.append(key)
             continue
-        if feature_path_skips(canon, cfg, cfg.vision_layers_used) and not canon.startswith("vision.post_layernorm."):
+        if feature_path_skips(canon, cfg) and not canon.startswith("vision.post_layernorm."):
             continue  # tower layers past the feature layer, the vision head, a tied head: not in a llava-hf file
         tensor = read()
         if dtype is not None:
