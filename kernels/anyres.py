@@ -3,7 +3,7 @@
 Each function equals ``ovfast.preprocess`` (Pillow BICUBIC, bit for bit) with the tiles in CHW
 order, ready for ``patch_embed`` (which folds the normalisation in):
 
-* ``anyres_tile``: one image alone in its prompt (REFERENCE.md section 3.1): tile 0 is the image
+* ``anyres_tile``: one image alone in its prompt (docs/reference-behaviour.md section 3.1): tile 0 is the image
   squashed to tile x tile; tiles 1.. are the row-major crops of the (grid_h * tile, grid_w * tile)
   canvas holding the image resized to (new_h, new_w), centred, padded with ``pad_value``;
 * ``pad_square_tile``: one of several images (section 3.2): centred on a square of ``fill``,

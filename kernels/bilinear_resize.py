@@ -10,7 +10,7 @@ formulas: per axis, scale = in / out (fp32), src = max(scale * (i + 0.5) - 0.5, 
 floor(src) and floor(src) + 1 (clamped to the edge) with weights 1 - frac(src) and frac(src);
 value = wy0 * (wx0 * x00 + wx1 * x01) + wy1 * (wx0 * x10 + wx1 * x11), rounded once to x's dtype.
 It serves the video 2x2 pooling (27x27 -> 14x14 per frame, which is *not* a 2x2 mean, see
-REFERENCE.md section 7) and the anyres_max_9 downscale of an unpadded feature map.
+docs/reference-behaviour.md section 7) and the anyres_max_9 downscale of an unpadded feature map.
 
 Memory-bound: each program writes a [BLOCK_P pixels, BLOCK_C channels] block; channels are
 contiguous in memory, so the four tap loads and the store are coalesced along C, and the taps

@@ -1,4 +1,4 @@
-"""Qwen2 RMSNorm, optionally fused with the residual add (REFERENCE.md section 8).
+"""Qwen2 RMSNorm, optionally fused with the residual add (docs/reference-behaviour.md section 8).
 
 Math, per row of width N (any N up to 65536):
 

@@ -1,4 +1,4 @@
-"""Half-split (NeoX) rotary position embedding, in place on q and k (REFERENCE.md section 8).
+"""Half-split (NeoX) rotary position embedding, in place on q and k (docs/reference-behaviour.md section 8).
 
 Math, for each token t at position p = positions[t] and each head, with h = d/2:
 

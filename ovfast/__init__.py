@@ -20,6 +20,7 @@ from .errors import (
     ModelLoadError,
     OvfastError,
     PlaceholderError,
+    PromptError,
     TooManyImagesError,
     UnsupportedInputError,
     VideoReadError,
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyContinuationError", "EmptyVideoError", "Engine",
     "EngineBusyError", "EngineConfig", "EngineOverloadedError", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError", "MediaAccessError",
-    "ModelLoadError", "OvfastError", "PlaceholderError", "RequestHandle", "Timings", "TokenLogprob", "TooManyImagesError",
+    "ModelLoadError", "OvfastError", "PlaceholderError", "PromptError", "RequestHandle", "Timings", "TokenLogprob", "TooManyImagesError",
     "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",
     "preprocess", "set_max_image_pixels",
 ]

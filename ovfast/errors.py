@@ -41,6 +41,10 @@ class EmptyVideoError(InputError):
     """A video has no frames."""
 
 
+class PromptError(InputError):
+    """The prompt has no tokens to run, or is not valid Unicode text (a lone surrogate)."""
+
+
 class PlaceholderError(InputError):
     """The prompt's <image>/<video> placeholders do not match the media passed."""
 

@@ -1,4 +1,4 @@
-"""Token counts and AnyRes geometry against REFERENCE.md's golden values and transformers' processor."""
+"""Token counts and AnyRes geometry against the golden values of docs/reference-behaviour.md and transformers' processor."""
 from __future__ import annotations
 
 import random
@@ -8,7 +8,7 @@ import pytest
 from ovfast.checkpoint.config import DEFAULT_PINPOINTS
 from ovfast.inputs import anyres
 
-# REFERENCE.md section 6.3 (h x w -> patches, tokens) and the section 12 unpad rounding edge cases.
+# docs/reference-behaviour.md section 6.3 (h x w -> patches, tokens) and the section 12 unpad rounding edge cases.
 GOLDEN = {
     (100, 100): (2, 1485), (336, 336): (2, 1485), (384, 384): (2, 1485),
     (480, 640): (5, 2929), (640, 480): (5, 2943), (427, 640): (5, 2709), (768, 1024): (7, 4725),

@@ -91,3 +91,19 @@ def test_convert_refusals_and_cli(tmp_path, capsys):
         assert all(h.get_tensor(k).dtype == torch.bfloat16 for k in h.keys())
     assert (tmp_path / "busy" / "keep.txt").is_file()
     assert cli(["convert", str(hf), str(tmp_path / "y")]) == 2
+
+
+def test_convert_without_added_tokens_decoder_keeps_every_added_token(tmp_path):
+    """transformers 5 saves tokenizer_config.json without added_tokens_decoder: the converted one
+    must list every added token, or transformers splits <|im_start|> into BPE pieces."""
+    lm = build_checkpoint(tmp_path / "lm", "tiny", layout="lmms-lab")
+    config = json.loads((lm / "tokenizer_config.json").read_text())
+    del config["added_tokens_decoder"]
+    (lm / "tokenizer_config.json").write_text(json.dumps(config))
+    out = convert(lm, tmp_path / "out")
+    added = {t["content"]: t["id"] for t in json.loads((out / "tokenizer.json").read_text())["added_tokens"]}
+    decoder = json.loads((out / "tokenizer_config.json").read_text())["added_tokens_decoder"]
+    assert {v["content"]: int(k) for k, v in decoder.items()} == added
+    tok = AutoTokenizer.from_pretrained(out)
+    for token in ("<|im_start|>", "<|im_end|>", "<image>"):
+        assert tok(token)["input_ids"] == [added[token]], token

@@ -25,7 +25,7 @@ from ovfast.inputs.resample import horizontal_first
 pytestmark = pytest.mark.skipif(ovfast.inputs.native._C is None, reason="ovfast._C is not built")
 C = ovfast.inputs.native._C
 
-# (h, w): 1x1 and the extreme strips, REFERENCE.md section 12's unpad edge cases, the worked
+# (h, w): 1x1 and the extreme strips, docs/reference-behaviour.md section 12's unpad edge cases, the worked
 # example, the radar image, the largest token count, the downscale canvases and a 12 MP photo.
 SIZES = [
     (1, 1), (13, 2000), (2000, 13), (820, 738), (750, 1750), (47, 423), (49, 1323), (369, 820), (375, 1375),

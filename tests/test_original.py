@@ -2,7 +2,7 @@
 
 Each lmms-lab test checkpoint holds the same random weights as a llava-hf "twin" (same preset and
 seed), so transformers on the twin, fed the original ``qwen_1_5`` prompt, is the reference for
-the original semantics wherever the two implementations agree (REFERENCE.md section 11); where
+the original semantics wherever the two implementations agree (docs/reference-behaviour.md section 11); where
 they differ (unpad rounding, alpha) the tests pin the original's rule.
 """
 from __future__ import annotations
@@ -129,7 +129,7 @@ def test_lmms_lab_tensor_names():
 
 
 def test_unpad_truncation_counts():
-    """REFERENCE.md section 11 row 4: sizes where int() and int(round(., 7)) give different token counts."""
+    """docs/reference-behaviour.md section 11 row 4: sizes where int() and int(round(., 7)) give different token counts."""
     pins = [(h * 384, w * 384) for h in range(1, 7) for w in range(1, 7)]
     for (h, w), (hf, orig) in {(820, 738): (4084, 3974), (750, 1750): (7641, 7533), (47, 423): (1114, 1004),
                                (369, 820): (2403, 2349)}.items():

@@ -13,7 +13,7 @@ import ovfast
 from ovfast.inputs.media import to_rgb
 
 # Sizes (h, w): the worked example, the radar test image, extreme aspect ratios, tiny images, the
-# unpad rounding edge cases of REFERENCE.md section 12, the largest token count (1153x946) and
+# unpad rounding edge cases of docs/reference-behaviour.md section 12, the largest token count (1153x946) and
 # canvases needing the anyres_max_9 downscale.
 SIZES = [
     (480, 640), (640, 480), (899, 1024), (820, 738), (750, 1750), (47, 423), (49, 1323), (423, 47),

@@ -59,13 +59,13 @@ class Served:
         return float(m.group(1))
 
 
-def _start(checkpoint: str, log: Path, *extra: str) -> Served:
+def _start(checkpoint: str, log: Path, *extra: str, cwd: Path = ROOT) -> Served:
     port = _free_port()
     out = log.open("w")
     proc = subprocess.Popen(
         [sys.executable, "-m", "ovfast", "serve", "--model", checkpoint, "--port", str(port), "--dtype", "float32",
          "--max-seq-len", "8192", "--served-model-name", NAME, *extra],
-        stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:

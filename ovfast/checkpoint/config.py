@@ -103,7 +103,7 @@ class ModelConfig:
     projector_gelu: str  # "none" = exact erf GELU
     projector_bias: bool
     raw: dict
-    # Whose reference the engine reproduces where the two disagree (REFERENCE.md section 11):
+    # Whose reference the engine reproduces where the two disagree (docs/reference-behaviour.md section 11):
     # "transformers" (LlavaOnevisionForConditionalGeneration) or "original" (LLaVA-NeXT).
     semantics: str = "transformers"
 

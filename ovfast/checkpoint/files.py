@@ -53,7 +53,8 @@ def resolve(model: str | os.PathLike) -> Path:
             f"could not download {name!r} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0]}). "
             "Without network access, pass a local directory in the Hugging Face layout (config.json, "
             "model.safetensors, tokenizer.json or vocab.json + merges.txt, preprocessor_config.json, "
-            "chat template), for example one downloaded elsewhere, or build a random-weight test model with `ovfast.build_checkpoint(dir)`."
+            "chat template), for example one downloaded elsewhere, or build a random-weight test checkpoint "
+            "with `ovfast build-checkpoint DIR` (in Python: `ovfast.build_checkpoint(dir)`)."
         ) from e
 
 

@@ -107,6 +107,39 @@ class Tokenizer:
     def vocab_size(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The raw bytes one token stands for. A byte-level BPE piece can be part of a UTF-8
+        character (``decode`` shows it as U+FFFD); its bytes come from GPT-2's byte table."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is None:
+            return b""
+        if isinstance(self._tok.decoder, decoders.ByteLevel) and token_id not in self._added_ids() \
+                and all(c in _BYTE_OF_CHAR for c in piece):
+            return bytes(_BYTE_OF_CHAR[c] for c in piece)
+        return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
+
+    def _added_ids(self) -> frozenset[int]:
+        if getattr(self, "_added", None) is None:
+            self._added = frozenset(self._tok.get_added_tokens_decoder())
+        return self._added
+
+
+def _byte_level_table() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, character -> byte: printable bytes stand for themselves, the
+    rest are shifted to U+0100 onwards."""
+    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
+    table, shifted = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[chr(b)] = b
+        else:
+            table[chr(0x100 + shifted)] = b
+            shifted += 1
+    return table
+
+
+_BYTE_OF_CHAR = _byte_level_table()
+
 
 def qwen2_backend(vocab_file: str | Path, merges_file: str | Path, tokenizer_config: dict,
                   added_tokens_file: str | Path | None = None) -> tokenizers.Tokenizer:

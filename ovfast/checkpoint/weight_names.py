@@ -2,7 +2,7 @@
 
 Canonical names drop the wrappers that differ between transformers versions:
 ``lm.`` (the Qwen2 model), ``lm_head.``, ``projector.``, ``image_newline`` and ``vision.`` (the
-SigLIP vision model). See REFERENCE.md section 2 for the layouts: llava-hf on disk, transformers
+SigLIP vision model). See docs/reference-behaviour.md section 2 for the layouts: llava-hf on disk, transformers
 4.52+ and 5.x in memory, transformers >= 5.24 saves, and the original lmms-lab names.
 """
 from __future__ import annotations

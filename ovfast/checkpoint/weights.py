@@ -15,10 +15,11 @@ import torch
 from safetensors import safe_open
 
 from ..errors import ModelLoadError
+from ..terminal.progress import progress
 from .random_weights import random_tensors
 from .weight_names import canonical_name
 
-# Present in checkpoints, never used on the feature path (REFERENCE.md section 2).
+# Present in checkpoints, never used on the feature path (docs/reference-behaviour.md section 2).
 _IGNORED = re.compile(r"^(vision\.post_layernorm\.|vision\.head\.|lm\.layers\.\d+\.self_attn\.rotary_emb\.)")
 
 
@@ -82,24 +83,27 @@ def load_weights(destinations: dict, tensors: Iterable[tuple[str, str, Callable[
     loaded: set[str] = set()
     unexpected: list[str] = []
     skipped: list[str] = []
-    for where, key, read in tensors:
-        canon = canonical_name(key)
-        if canon is None or canon not in destinations:
-            if canon is None or not skip(canon):
-                unexpected.append(key)
-            else:
-                skipped.append(key)
-            continue
-        param, rows, index = destinations[canon]
-        target = param if rows is None else param[rows]
-        tensor = read(index)
-        if tuple(tensor.shape) != tuple(target.shape):
-            part = "" if index is None else " (this rank's slice)"
-            raise ModelLoadError(
-                f"{where}: {key} has shape {tuple(tensor.shape)}{part}, config.json implies {tuple(target.shape)}"
-            )
-        target.copy_(tensor)  # casts (e.g. fp16 on disk -> bf16) and moves to the device
-        loaded.add(canon)
+    # One destination per checkpoint tensor that is read (fused parameters are filled in row slices).
+    with progress(desc="loading weights", total=len(destinations), unit=" tensors") as bar:
+        for where, key, read in tensors:
+            canon = canonical_name(key)
+            if canon is None or canon not in destinations:
+                if canon is None or not skip(canon):
+                    unexpected.append(key)
+                else:
+                    skipped.append(key)
+                continue
+            param, rows, index = destinations[canon]
+            target = param if rows is None else param[rows]
+            tensor = read(index)
+            if tuple(tensor.shape) != tuple(target.shape):
+                part = "" if index is None else " (this rank's slice)"
+                raise ModelLoadError(
+                    f"{where}: {key} has shape {tuple(tensor.shape)}{part}, config.json implies {tuple(target.shape)}"
+                )
+            target.copy_(tensor)  # casts (e.g. fp16 on disk -> bf16) and moves to the device
+            loaded.add(canon)
+            bar.update()
     if unexpected:
         raise ModelLoadError(
             f"the checkpoint has {len(unexpected)} tensors ovfast does not know, e.g. {unexpected[:3]}; "

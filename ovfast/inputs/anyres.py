@@ -1,9 +1,9 @@
-"""AnyRes geometry and token counts, as pure functions of image sizes (REFERENCE.md sections 3, 6, 7).
+"""AnyRes geometry and token counts, as pure functions of image sizes (docs/reference-behaviour.md sections 3, 6, 7).
 
 The same functions drive the preprocessing (which canvas, which resize), the feature packing
 (unpad, downscale) and the placeholder expansion (how many tokens), so the three can never
 disagree. Float expressions keep transformers' exact operation order: the rounding edge cases of
-REFERENCE.md section 12 depend on it.
+docs/reference-behaviour.md section 12 depend on it.
 """
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def unpad_crop(height: int, width: int, map_h: int, map_w: int, truncate: bool =
     """Rows [r0, r1) and columns [c0, c1) of the (map_h, map_w) feature map that hold the image.
 
     transformers rounds to 7 decimals before truncating; the original LLaVA-NeXT code truncates
-    directly (``truncate``), which gives different token counts for some sizes (REFERENCE.md
+    directly (``truncate``), which gives different token counts for some sizes (docs/reference-behaviour.md
     section 11, row 4).
     """
     def floor(x: float) -> int:

@@ -11,9 +11,9 @@ images above ``max_image_pixels()`` (Pillow's own limit by default) are refused 
 """
 from __future__ import annotations
 
-import base64
 import io
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Union
@@ -23,6 +23,7 @@ import PIL.Image
 import torch
 
 from ..errors import EmptyVideoError, ImageReadError, ImageTooLargeError, UnsupportedInputError, VideoReadError
+from . import media_ref
 from .video_file import VideoFile
 
 ImageLike = Union[PIL.Image.Image, str, os.PathLike, bytes, np.ndarray, torch.Tensor]
@@ -87,8 +88,8 @@ class Video:
     def __init__(self, frames: Sequence[ImageLike] | np.ndarray | torch.Tensor | str | os.PathLike | bytes,
                  num_frames: int | None = None, *, fps: float | None = None, indices: Sequence[int] | None = None):
         self._file: VideoFile | None = None
-        if isinstance(frames, str) and frames.startswith("data:"):
-            frames = data_uri_bytes(frames, VideoReadError)
+        if isinstance(frames, str):
+            frames = local_source(frames, VideoReadError, "video")
         if isinstance(frames, (str, os.PathLike, bytes, bytearray, memoryview)):
             self._file = VideoFile(frames, max_image_pixels() or float("inf"))
             self._indices = self._file.sample(num_frames, fps, indices)
@@ -207,25 +208,36 @@ def composite(pixels: Pixels) -> np.ndarray:
     return np.round(alpha * a[..., :3] + (1 - alpha) * 255).astype(np.uint8)
 
 
-def data_uri_bytes(uri: str, error: type[Exception] = ImageReadError) -> bytes:
-    """The payload of a base64 ``data:`` URI (``data:image/png;base64,...``)."""
-    head, sep, payload = uri.partition(",")
-    if not sep or not head.endswith(";base64"):
-        raise error("a data: URI must be base64: data:<type>;base64,<payload>")
+def local_source(ref: str, error: type[Exception] = ImageReadError, what: str = "image") -> str | bytes:
+    """What a string from the Python API names: a ``data:`` URI's bytes, or a local path (a plain
+    path or a ``file://`` URL). Remote URLs are not fetched here (the server fetches under its policy)."""
+    parsed = media_ref.parse(ref)
     try:
-        return base64.b64decode(payload, validate=True)
-    except ValueError as e:
-        raise error("the data: URI does not hold valid base64") from e
+        if parsed.kind == "data":
+            return media_ref.data_bytes(ref)
+        if parsed.kind == "file":
+            return media_ref.file_path(ref)
+    except media_ref.BadReference as e:
+        raise error(str(e)) from None
+    if parsed.kind == "http":
+        raise UnsupportedInputError(f"{what} URLs are not fetched ({parsed.short}); download the {what} and pass "
+                                    "the file or its bytes")
+    if "\x00" in ref:
+        raise error(f"the {what} path holds a NUL byte")
+    return ref
 
 
 def _open_encoded(source: str | os.PathLike | bytes) -> Pixels:
-    if isinstance(source, str) and source.startswith("data:"):
-        source = data_uri_bytes(source)
-    elif isinstance(source, str) and source.startswith(("http://", "https://")):
-        raise UnsupportedInputError(f"image URLs are not fetched ({source}); download the image and pass the file or bytes")
-    what = "the image bytes" if isinstance(source, bytes) else f"image file {os.fspath(source)!r}"
+    if isinstance(source, str):
+        source = local_source(source)
+    what = "the encoded image" if isinstance(source, bytes) else f"image file {os.fspath(source)!r}"
     try:
-        with PIL.Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as im:
+        data = source if isinstance(source, bytes) else media_ref.open_regular_file(source)
+        with warnings.catch_warnings():
+            # Pillow warns above its own limit; ovfast's limit (Pillow's by default) raises just below.
+            warnings.simplefilter("ignore", PIL.Image.DecompressionBombWarning)
+            im = PIL.Image.open(io.BytesIO(data))
+        with im:
             if _max_image_pixels and im.width * im.height > _max_image_pixels:
                 raise ImageTooLargeError(
                     f"{what} is {im.width}x{im.height}, above the limit of {_max_image_pixels} pixels "
@@ -236,12 +248,14 @@ def _open_encoded(source: str | os.PathLike | bytes) -> Pixels:
         raise ImageReadError(f"{what} does not exist") from e
     except IsADirectoryError as e:
         raise ImageReadError(f"{what} is a directory") from e
+    except media_ref.BadReference as e:
+        raise ImageReadError(f"{what} cannot be read: {e}") from None
     except PIL.UnidentifiedImageError as e:
         raise ImageReadError(f"{what} is not an image PIL can read") from e
     except PIL.Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{what} is too large to decode safely: {e}") from e
     except OSError as e:
-        raise ImageReadError(f"{what} could not be read: {e}") from e
+        raise ImageReadError(f"{what} could not be read: {e.strerror or e}") from e
 
 
 def _pil_pixels(im: PIL.Image.Image, what: str) -> Pixels:

@@ -1,4 +1,4 @@
-"""Image and video preprocessing: RGB uint8 in, uint8 384x384 tiles out (REFERENCE.md section 3).
+"""Image and video preprocessing: RGB uint8 in, uint8 384x384 tiles out (docs/reference-behaviour.md section 3).
 
 Resizing is Pillow's BICUBIC, as transformers' PIL backend (``LlavaOnevisionImageProcessorPil``)
 does it, so the tiles are bit-identical to what that processor resizes. Tiles stay uint8 until

@@ -16,6 +16,7 @@ import bisect
 import io
 import itertools
 import os
+import stat
 from collections.abc import Sequence
 
 import av
@@ -38,10 +39,14 @@ class VideoFile:
             self._data = None
             self._path = os.fspath(source)
             self.name = f"video file {self._path!r}"
-            if not os.path.exists(self._path):
-                raise VideoReadError(f"{self.name} does not exist")
-            if os.path.isdir(self._path):
+            try:
+                mode = os.stat(self._path).st_mode
+            except (OSError, ValueError):  # ValueError: a NUL in the path
+                raise VideoReadError(f"{self.name} does not exist") from None
+            if stat.S_ISDIR(mode):
                 raise VideoReadError(f"{self.name} is a directory; pass the frame files as a list")
+            if not stat.S_ISREG(mode):  # a FIFO or a device would block or never end
+                raise VideoReadError(f"{self.name} is not a regular file")
         self.truncated = False
         with self._open() as container:
             stream = self._stream(container)
@@ -68,7 +73,7 @@ class VideoFile:
                 raise UnsupportedInputError("indices must be a non-empty list of integer frame indices")
             bad = [int(i) for i in picked if not 0 <= i < n]
             if bad:
-                raise UnsupportedInputError(f"frame indices {bad[:5]} are outside {self.name}'s {n} frames")
+                raise UnsupportedInputError(f"frame indices {bad[:5]} are outside the {n} frames of {self.name}")
             return [int(i) for i in picked]
         if fps is not None:
             return self._sample_fps(fps)
@@ -137,7 +142,9 @@ class VideoFile:
 
     def _open(self):
         try:
-            return av.open(io.BytesIO(self._data) if self._data is not None else self._path, metadata_errors="ignore")
+            # "file:" keeps FFmpeg from reading a path as one of its protocols (concat:, http:, pipe:).
+            source = io.BytesIO(self._data) if self._data is not None else "file:" + os.path.abspath(self._path)
+            return av.open(source, metadata_errors="ignore")
         except av.FFmpegError as e:
             raise VideoReadError(f"{self.name} is not a video PyAV can read: {e}") from e
         except (OSError, ValueError, UnicodeDecodeError) as e:

@@ -37,6 +37,7 @@ from ..errors import (
     OvfastError,
     UnsupportedInputError,
 )
+from ..inputs import media_ref
 from ..inputs.media import Video
 from ..runtime.engine import load
 
@@ -160,7 +161,7 @@ class OvfastLMM(lmms):
             return [Video([visual[i] for i in keep])]
         items = []
         for v in visual:
-            if isinstance(v, (str, os.PathLike)) and not str(v).startswith("data:"):
+            if isinstance(v, (str, os.PathLike)) and media_ref.parse(str(v)).kind == "path":
                 if Path(v).suffix.lower() in _IMAGE_SUFFIXES:
                     items.append(str(v))
                 else:

@@ -1,4 +1,4 @@
-"""LLaVA-OneVision: SigLIP tower -> projector -> packed features -> Qwen2 (REFERENCE.md sections 5-7).
+"""LLaVA-OneVision: SigLIP tower -> projector -> packed features -> Qwen2 (docs/reference-behaviour.md sections 5-7).
 
 Packing turns each item's projected tiles into the token rows its placeholders receive:
   * single image (anyres): base tile, then the tile grid as one map, unpadded, downscaled when

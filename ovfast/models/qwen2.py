@@ -1,4 +1,4 @@
-"""Qwen2 decoder over ovfast's static KV cache (REFERENCE.md section 8).
+"""Qwen2 decoder over ovfast's static KV cache (docs/reference-behaviour.md section 8).
 
 Pre-norm layers with fused q/k/v (with bias) and fused gate/up projections. Every forward pass,
 prefill or decode, reads and writes one preallocated cache in place; what kind of pass it is and

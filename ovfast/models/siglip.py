@@ -1,4 +1,4 @@
-"""SigLIP vision tower, truncated at the layer LLaVA-OneVision reads (REFERENCE.md section 4).
+"""SigLIP vision tower, truncated at the layer LLaVA-OneVision reads (docs/reference-behaviour.md section 4).
 
 Pre-LN encoder layers with fused q/k/v; the feature is the last used layer's output, *before*
 the post-layernorm, which is never applied. Parameter names follow transformers', with the

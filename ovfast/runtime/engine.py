@@ -34,6 +34,7 @@ from ..models.qwen2 import ForwardBatch
 from ..ops import report
 from ..ops.backends import use_triton
 from .decode import DecodeRunner
+from .devices import resolve_device
 from .generation import Completion, Sequence, TextAssembler, Timings, TokenLogprob
 from .handle import RequestHandle
 from .kv_cache import KVCache, round_up
@@ -95,9 +96,7 @@ class Engine:
     def __init__(self, ckpt: Checkpoint, device=None, dtype=None, config: EngineConfig = EngineConfig(),
                  weights: Mapping[str, torch.Tensor] | None = None, semantics: str | None = None):
         config.check()
-        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
-        if self.device.type == "cuda" and self.device.index is None:
-            self.device = torch.device("cuda", torch.cuda.current_device())
+        self.device = resolve_device(device)  # ConfigError for a device this torch cannot use
         self.dtype = _resolve_dtype(dtype, self.device)
         self.checkpoint = ckpt
         self.config = config
@@ -457,6 +456,7 @@ class Engine:
         """A request takes ``slot``: vision once, its prompt rows ready for the prefill chunks."""
         p = req.params
         seed = p.seed if p.seed is not None else random.getrandbits(62)
+        seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # its 64 bits, as the device's int64
         seq = Sequence(req, slot, TextAssembler(self.tokenizer, p.stop), seed,
                        Timings(preprocess_ms=req.preprocess_ms), submitted=submitted)
         if p.logprobs is not None:

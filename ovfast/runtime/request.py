@@ -20,6 +20,7 @@ from ..errors import (
     ContextLengthError,
     GenerationParamsError,
     PlaceholderError,
+    PromptError,
     TooManyImagesError,
     UnsupportedInputError,
 )
@@ -37,6 +38,10 @@ def _number(name: str, x, lo: float, hi: float, lo_open: bool = False) -> float:
         bound = f"({lo}, {hi}]" if lo_open else f"[{lo}, {hi}]"
         raise GenerationParamsError(f"{name} must be a number in {bound}, got {x!r}")
     return float(x)
+
+
+SEED_MIN, SEED_END = -(1 << 63), 1 << 64  # signed or unsigned 64-bit: the seed is keyed as its 64 bits
+TOP_K_MAX = 1 << 31
 
 
 @dataclass(frozen=True)
@@ -70,8 +75,8 @@ class SamplingParams:
             raise GenerationParamsError(f"top_p must be in (0, 1], got {top_p!r}")
         if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
             raise GenerationParamsError(f"top_k must be an integer >= 0 (0 = off), got {top_k!r}")
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise GenerationParamsError(f"seed must be an integer or None, got {seed!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not SEED_MIN <= seed < SEED_END):
+            raise GenerationParamsError(f"seed must be None or a 64-bit integer in [-2**63, 2**64), got {seed!r}")
         if stop is None:
             stop = ()
         elif isinstance(stop, str):
@@ -92,6 +97,7 @@ class SamplingParams:
             logprobs = 0
         elif logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS):
             raise GenerationParamsError(f"logprobs must be None, a bool or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
+        top_k = min(top_k, TOP_K_MAX)  # more than the vocabulary is all of it; keeps int64 device tensors whole
         return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop, bool(ignore_eos), min_p,
                    repetition_penalty, presence_penalty, frequency_penalty, logprobs)
 
@@ -185,7 +191,10 @@ class RequestBuilder:
         any resizing), tile, expand the placeholders."""
         n_images = sum(not isinstance(x, Video) for x in items)
         n_videos = len(items) - n_images
+        _check_text(text)
         ids = self._tokenize(text, items)
+        if not ids:  # nothing to prefill: the first step would read whatever the slot held before
+            raise PromptError("the prompt is empty: it has no tokens to generate from")
         opened = [open_item(x, n_images, self.model, self.proc) for x in items]
         prompt_tokens = len(ids) - n_images - n_videos + sum(o.num_tokens for o in opened)
         if params.max_new_tokens is None:  # the rest of the context
@@ -250,6 +259,14 @@ class RequestBuilder:
             else:
                 out.append(t)
         return out
+
+
+def _check_text(text: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise PromptError(f"the prompt is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                          f"{e.start} (JSON escapes such as \\ud800 must come in pairs)") from None
 
 
 _ROLES = ("system", "user", "assistant")

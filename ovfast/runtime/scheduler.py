@@ -72,9 +72,8 @@ class Scheduler:
             if self._closed:
                 raise self._closed_error()
             if self._waiting >= self.max_queue:
-                raise EngineOverloadedError(
-                    f"{self._waiting} requests are already waiting (max_queue={self.max_queue}); retry later"
-                )
+                waiting = "1 request is" if self._waiting == 1 else f"{self._waiting} requests are"
+                raise EngineOverloadedError(f"{waiting} already waiting (max_queue={self.max_queue}); retry later")
             self._waiting += 1
             handle = RequestHandle(f"req-{next(self._ids)}", self._cancel)
         self._pool.submit(self._preprocess, handle, prepare)
@@ -289,7 +288,7 @@ class Scheduler:
         except Exception as e:
             self._running.pop(slot)
             self.engine.runner.retire(slot)
-            handle._finish(error=RuntimeError(f"ovfast: vision encoding failed: {e!r}"))
+            handle._finish(error=RuntimeError(f"ovfast: starting the request on the device failed: {e!r}"))
             self.errors.append(traceback.format_exc())
             self._abort_if_fatal()
             return

@@ -21,11 +21,21 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from ..runtime.generation import Completion
 from .media import MediaPolicy
 from .metrics import Metrics
-from .protocol import APIError, Reply, api_error, completion_prompt, engine_messages, sampling_params
+from .protocol import (
+    APIError,
+    Reply,
+    api_error,
+    completion_prompt,
+    engine_messages,
+    parse_body,
+    sampling_params,
+    stream_options,
+)
 
 log = logging.getLogger("ovfast.serve")
 
@@ -50,10 +60,13 @@ class Server:
         self.loader = loader  # () -> Engine, run on a thread at startup when no engine is given
         self.load_error: BaseException | None = None
         self.on_load_error: Callable[[BaseException], None] | None = None
-        self.draining = False
-        self.metrics = Metrics(self._stats)
+        self.draining = False  # set by drain(): new requests get 503, /health 503
+        self.requests = 0  # HTTP requests being answered (counted by ``counting``; the drain waits for 0)
+        self._handles: set = set()  # the engine requests being answered (in ``_wait`` and ``_events``)
+        self._cancelling = False  # the grace period is over: every request still answered is cancelled
+        self.metrics = Metrics(self.stats)
 
-    def _stats(self):
+    def stats(self):
         return self.engine.stats() if self.engine is not None else {
             "running": 0, "waiting": 0, "kv_tokens_used": 0, "kv_tokens_total": 1}
 
@@ -81,18 +94,13 @@ class Server:
         if declared and declared.isdigit() and int(declared) > limit:
             raise APIError(413, f"the request body is {declared} bytes; the limit is {limit}", code="request_too_large")
         data = bytearray()
-        async for chunk in request.stream():
+        async for chunk in request.stream():  # ClientDisconnect if the client leaves mid-upload
             data += chunk
             if len(data) > limit:
                 raise APIError(413, f"the request body exceeds the limit of {limit} bytes", code="request_too_large")
-        try:
-            body = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
-        if not isinstance(body, dict):
-            raise APIError(400, "the body must be a JSON object", code="invalid_json")
+        body = parse_body(bytes(data))
         model = body.get("model")
-        if model is not None and model not in (self.config.name, self.config.model):
+        if model is not None and (not isinstance(model, str) or model not in (self.config.name, self.config.model)):
             raise APIError(404, f"model {model!r} is not served here; this server serves {self.config.name!r}",
                            param="model", code="model_not_found")
         return body
@@ -102,14 +110,14 @@ class Server:
     async def serve(self, request: Request, chat: bool) -> Response:
         t0 = time.perf_counter()
         reply = Reply("chat.completion" if chat else "text_completion", self.config.name)
+        prompt_param = "messages" if chat else "prompt"
         handle, streaming, status, completion = None, False, 500, None
         try:
             self.check_ready()
             body = await self.body(request)
             params = sampling_params(body, chat)
-            stream = body.get("stream") is True
-            options = body.get("stream_options") or {}
-            include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+            stream, include_usage = stream_options(body)
+            reply.token_bytes = self.engine.tokenizer.token_bytes
             if chat:
                 messages = await engine_messages(body, self.config.media)
                 handle = self.engine.submit(messages=messages, **params)
@@ -126,14 +134,20 @@ class Server:
                 return Response(status_code=499)
             status = 200
             return JSONResponse(reply.full(completion))
+        except ClientDisconnect:
+            if handle is not None:
+                handle.cancel()
+            status = 499
+            log.info("%s: the client disconnected before its request was read", reply.response_id)
+            return Response(status_code=499)
         except BaseException as e:
             if handle is not None:
                 handle.cancel()
             if not isinstance(e, Exception):
                 raise  # cancelled: the client is gone
-            err = api_error(e)
+            err = api_error(e, prompt_param)
             status = err.status
-            if status >= 500:
+            if status >= 500 and not isinstance(e, APIError):  # an APIError is an expected answer (503 draining)
                 log.exception("%s failed", reply.response_id)
             return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
         finally:
@@ -141,15 +155,22 @@ class Server:
                 self._done(reply, status, completion, t0)
 
     async def _wait(self, request: Request, handle) -> Completion | None:
-        """The completion, or None if the client disconnects first (the request is then cancelled)."""
+        """The completion, or None if the client disconnects first (the request is then cancelled).
+        Cancelled by the drain at the end of the grace period: a 503, code "draining"."""
+        self._track(handle)
         result = asyncio.ensure_future(handle.aresult())
         gone = asyncio.ensure_future(_disconnected(request))
         try:
             await asyncio.wait({result, gone}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
+            self._handles.discard(handle)
         if result.done():
-            return result.result()
+            completion = result.result()
+            if completion.finish_reason == "cancelled":
+                raise APIError(503, "the server shut down before the request finished", "service_unavailable",
+                               code="draining")
+            return completion
         handle.cancel()
         result.cancel()
         return None
@@ -157,12 +178,14 @@ class Server:
     async def _events(self, handle, reply: Reply, include_usage: bool, t0: float):
         status, completion = 200, None
         try:
+            self._track(handle)
             yield _sse(reply.chunk("", first=True))
             async for piece in handle:
                 yield _sse(reply.chunk(piece))
             completion = await handle.aresult()
-            yield _sse(reply.chunk(None, finish="length" if completion.finish_reason == "length" else "stop",
-                                   logprobs=completion.logprobs))
+            # "cancelled": the drain stopped it at the end of the grace period (the text so far was sent)
+            finish = completion.finish_reason if completion.finish_reason in ("length", "cancelled") else "stop"
+            yield _sse(reply.chunk(None, finish=finish, logprobs=completion.logprobs))
             if include_usage:
                 yield _sse(reply.usage_chunk(completion))
             yield "data: [DONE]\n\n"
@@ -175,6 +198,7 @@ class Server:
             status = 499  # the client disconnected
             raise
         finally:
+            self._handles.discard(handle)
             handle.cancel()  # a no-op once finished; frees the slot of an abandoned stream
             self._done(reply, status, completion, t0)
 
@@ -183,6 +207,54 @@ class Server:
         tokens = f" prompt={c.prompt_tokens} completion={len(c.token_ids)} finish={c.finish_reason}" if c else ""
         log.info("%s %s status=%d%s %.0fms", reply.response_id, reply.kind, status, tokens,
                  (time.perf_counter() - t0) * 1e3)
+
+    # --- drain (SIGTERM, Ctrl-C) -------------------------------------------------------------------
+
+    def counting(self, app):
+        """``app`` (ASGI) with the HTTP requests it is answering counted in ``self.requests``, from
+        the first byte read to the last byte sent: the drain waits for that count to reach 0."""
+        async def counted(scope, receive, send):
+            if scope["type"] != "http":
+                return await app(scope, receive, send)
+            self.requests += 1
+            try:
+                await app(scope, receive, send)
+            finally:
+                self.requests -= 1
+        return counted
+
+    def _track(self, handle) -> None:
+        """``handle`` is being answered (until discarded from ``_handles``); once the grace period is
+        over, a request that reaches its answer only now is cancelled at once."""
+        self._handles.add(handle)
+        if self._cancelling:
+            handle.cancel()
+
+    async def drain(self, grace: float, hurry: asyncio.Event | None = None, settle: float = 10.0) -> None:
+        """New requests get 503 (code "draining") from now on, the listener staying open. The requests
+        being answered run on until they finish, for up to ``grace`` seconds (or until ``hurry`` is
+        set); then each one left is cancelled: a whole answer becomes a 503 (code "draining"), a
+        stream ends with a chunk of finish_reason "cancelled" and ``[DONE]``. Returns once no request
+        is open, or ``settle`` seconds after the cancellation."""
+        self.draining = True
+        if await self._idle(grace, hurry):
+            return
+        log.info("%s: cancelling the %d request(s) still open", "hurried" if hurry is not None and hurry.is_set()
+                 else f"grace period of {grace:g} s over", self.requests)
+        self._cancelling = True
+        for handle in list(self._handles):
+            handle.cancel()
+        if not await self._idle(settle):
+            log.warning("%d request(s) still open %.0f s after their cancellation", self.requests, settle)
+
+    async def _idle(self, timeout: float, hurry: asyncio.Event | None = None) -> bool:
+        """Whether every request is answered within ``timeout`` seconds (False at once when hurried)."""
+        deadline = time.monotonic() + timeout
+        while self.requests > 0:
+            if time.monotonic() >= deadline or (hurry is not None and hurry.is_set()):
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
 
 async def _disconnected(request: Request) -> None:
@@ -201,10 +273,17 @@ def create_app(server: Server) -> FastAPI:
         if server.engine is None and server.loader is not None:
             task = asyncio.create_task(_load(server))
         yield
+        # After the drain (main.py): every request was answered or cancelled.
         if task is not None:
-            task.cancel()
-        if server.engine is not None:
-            await asyncio.to_thread(server.engine.close)
+            task.cancel()  # still loading: the loader's thread runs to its end, its engine unused
+        engine, server.engine = server.engine, None  # closed here only, once
+        if engine is not None:
+            try:
+                await asyncio.to_thread(engine.close)
+            except asyncio.CancelledError:  # the shutdown itself was cut short: no traceback for that
+                log.warning("shutdown cut short while the engine was closing")
+            except Exception:
+                log.exception("closing the engine failed")  # a defect: its traceback helps
 
     app = FastAPI(title="ovfast", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.server = server
@@ -215,8 +294,9 @@ def create_app(server: Server) -> FastAPI:
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
+        # e.headers carries 405's Allow
         return JSONResponse(APIError(e.status_code, str(e.detail), code="not_found" if e.status_code == 404 else None)
-                            .body(), status_code=e.status_code)
+                            .body(), status_code=e.status_code, headers=e.headers)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):

@@ -1,13 +1,28 @@
 """``ovfast serve``: an OpenAI-compatible HTTP server on uvicorn.
 
 The socket opens at once and ``/health`` answers 503 until the model is loaded (weights,
-vision warm-up, CUDA graphs), then 200. SIGTERM or Ctrl-C: the server stops accepting
-connections and answers 503 to new requests, lets in-flight requests finish for up to
-``--grace-period`` seconds, cancels what is left, closes the engine and exits 0.
+vision warm-up, CUDA graphs), then 200.
+
+SIGTERM or Ctrl-C (SIGINT) drains, and the process then exits 0:
+
+1. The listener stays open: every new request, on a new or a kept-alive connection, gets a 503
+   in OpenAI's error shape (type "service_unavailable", code "draining"), ``/health`` too.
+2. The requests in flight run on until they finish, for up to ``--grace-period`` seconds; the
+   drain ends as soon as none is left.
+3. Each request still open then is cancelled (its slot freed at the next engine step): a whole
+   answer becomes a 503 (code "draining"); a stream gets a last chunk with finish_reason
+   "cancelled" (the text so far was already sent) and ``data: [DONE]``. They get up to 10 s
+   to send those last bytes.
+4. uvicorn closes the listener and the idle connections, the lifespan closes the engine (once),
+   and ``main`` returns 0: no cancelled task, no traceback in the log.
+
+A second signal during the drain cuts the grace period short: what is left is cancelled at once,
+as in 3.
 """
 from __future__ import annotations
 
 import argparse
+import asyncio
 import logging
 import os
 import signal
@@ -73,12 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                           args.media_timeout),
     )
     server = Server(config, loader=lambda: load(args.model, **load_options))
-    uv = _DrainingServer(uvicorn.Config(create_app(server), host=args.host, port=args.port, log_level=args.log_level,
-                                 access_log=False, timeout_graceful_shutdown=args.grace_period), server)
+    # The drain (below) has answered every request before uvicorn's own shutdown starts: that only
+    # closes the listener and the idle connections, so its timeout is short.
+    uv = _DrainingServer(uvicorn.Config(server.counting(create_app(server)), host=args.host, port=args.port,
+                                        log_level=args.log_level, access_log=False,
+                                        timeout_graceful_shutdown=_SHUTDOWN_TIMEOUT_S),
+                         server, args.grace_period)
     server.on_load_error = lambda e: setattr(uv, "should_exit", True)
-    # uvicorn re-raises the signal after its graceful shutdown, to the handler it found: make
-    # that a no-op for SIGTERM, so a drained server exits 0.
-    signal.signal(signal.SIGTERM, lambda sig, frame: None)
     uv.run()
     if server.load_error is not None:
         print(f"ovfast serve: the model failed to load: {server.load_error}", file=sys.stderr)
@@ -86,19 +102,57 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-class _DrainingServer(uvicorn.Server):
-    """uvicorn's server, draining first: at the first signal new requests get 503 while uvicorn
-    stops accepting and waits up to the grace period for the ones in flight."""
+_SHUTDOWN_TIMEOUT_S = 5.0
 
-    def __init__(self, config: uvicorn.Config, server: Server):
+
+class _DrainingServer(uvicorn.Server):
+    """uvicorn's server, draining before it shuts down.
+
+    uvicorn's own handling of a signal closes the listener at once and, at its timeout, cancels the
+    requests' tasks mid-response. Here the first signal starts ``Server.drain`` instead, with the
+    listener open; uvicorn is told to exit only once that is over. The signal is not recorded for
+    uvicorn to raise again after ``run`` (that would turn Ctrl-C into a KeyboardInterrupt)."""
+
+    def __init__(self, config: uvicorn.Config, server: Server, grace: float):
         super().__init__(config)
         self.ovfast = server
+        self.grace = grace
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._drain: asyncio.Task | None = None
+        self._hurry: asyncio.Event | None = None
+
+    async def startup(self, sockets=None) -> None:
+        self._loop = asyncio.get_running_loop()
+        await super().startup(sockets=sockets)
 
     def handle_exit(self, sig, frame) -> None:
-        self.ovfast.draining = True
-        stats = self.ovfast._stats()
-        log.info("draining: %d running, %d waiting", stats["running"], stats["waiting"])
-        super().handle_exit(sig, frame)
+        # A signal handler, run between two bytecodes of whatever the loop is doing: hand over to the loop.
+        if self._loop is None or self._loop.is_closed():
+            self.should_exit = True  # not serving yet (or any more): nothing to drain
+            return
+        self._loop.call_soon_threadsafe(self._on_signal, sig)
+
+    def _on_signal(self, sig) -> None:
+        name = signal.Signals(sig).name
+        if self._drain is None:
+            stats = self.ovfast.stats()
+            log.info("%s: draining (%d running, %d waiting); new requests get 503; grace period %g s", name,
+                     stats["running"], stats["waiting"], self.grace)
+            self.ovfast.draining = True  # at once, before the drain task's first step
+            self._hurry = asyncio.Event()
+            self._drain = asyncio.get_running_loop().create_task(self._drain_then_exit())
+        elif not self._hurry.is_set():
+            log.info("%s again: cancelling the requests left now", name)
+            self._hurry.set()
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self.ovfast.drain(self.grace, self._hurry)
+        except Exception:
+            log.exception("the drain failed")
+        finally:
+            log.info("drained: shutting down")
+            self.should_exit = True
 
 
 if __name__ == "__main__":

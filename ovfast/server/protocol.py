@@ -7,9 +7,12 @@ and the offending parameter's OpenAI name.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
+import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..errors import (
@@ -19,6 +22,7 @@ from ..errors import (
     GenerationParamsError,
     InputError,
     OvfastError,
+    PromptError,
 )
 from ..inputs.media import Video
 from ..runtime.generation import Completion, TokenLogprob
@@ -44,8 +48,9 @@ class APIError(Exception):
 _API_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs"}
 
 
-def api_error(e: BaseException) -> APIError:
-    """The HTTP error for an exception from the engine or from parsing."""
+def api_error(e: BaseException, prompt_param: str = "messages") -> APIError:
+    """The HTTP error for an exception from the engine or from parsing; ``prompt_param`` names
+    where the prompt came from ("messages" for chat, "prompt" for completions)."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, EngineOverloadedError):
@@ -53,15 +58,53 @@ def api_error(e: BaseException) -> APIError:
     if isinstance(e, EngineBusyError):
         return APIError(503, "the server is shutting down", "service_unavailable", code="draining")
     if isinstance(e, ContextLengthError):
-        return APIError(400, str(e), param="messages", code="context_length_exceeded")
+        return APIError(400, str(e), param=prompt_param, code="context_length_exceeded")
+    if isinstance(e, PromptError):
+        return APIError(400, str(e), param=prompt_param, code="invalid_prompt")
     if isinstance(e, GenerationParamsError):
         name = str(e).split(" ", 1)[0]
         return APIError(400, str(e), param=_API_NAMES.get(name, name), code="invalid_parameter")
     if isinstance(e, InputError):
-        return APIError(400, str(e), param="messages", code="invalid_input")
+        return APIError(400, str(e), param=prompt_param, code="invalid_input")
     if isinstance(e, OvfastError):
         return APIError(500, str(e), "server_error")
     return APIError(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+# --- the body ------------------------------------------------------------------------------
+
+MAX_JSON_DEPTH = 64  # far above any real request; a deeper one would exhaust the parser's stack
+_JSON_STRUCTURE = re.compile(rb'[\[\]{}"\\]')
+
+
+def parse_body(data: bytes) -> dict:
+    """The JSON object of a request body. Nesting is checked before parsing (``json.loads``
+    recurses once per level), so a deeply nested body is a 400, never a ``RecursionError``."""
+    depth, in_string, escaped = 0, False, -1
+    for m in _JSON_STRUCTURE.finditer(data):  # brackets, quotes and backslashes only: string bodies are skipped
+        i, c = m.start(), data[m.start()]
+        if i == escaped:
+            continue
+        if in_string:
+            if c == 0x5C:  # a backslash escapes the next byte
+                escaped = i + 1
+            elif c == 0x22:
+                in_string = False
+        elif c == 0x22:
+            in_string = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > MAX_JSON_DEPTH:
+                raise APIError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    try:
+        body = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        raise APIError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the body must be a JSON object", code="invalid_json")
+    return body
 
 
 # --- parameters ------------------------------------------------------------------------------
@@ -127,6 +170,13 @@ def sampling_params(body: dict, chat: bool) -> dict:
     }
 
 
+def stream_options(body: dict) -> tuple[bool, bool]:
+    """(stream, include_usage)."""
+    stream = _get(body, "stream", (bool,), False)
+    options = _get(body, "stream_options", (dict,), {})
+    return stream, stream and _get(options, "include_usage", (bool,), False)
+
+
 # --- messages --------------------------------------------------------------------------------
 
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
@@ -143,7 +193,8 @@ async def engine_messages(body: dict, policy: MediaPolicy) -> list[dict]:
         raise APIError(400, "messages must be a non-empty list", param="messages")
     out = []
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or m.get("role") not in _ROLES:
+        role = m.get("role") if isinstance(m, dict) else None
+        if not isinstance(role, str) or role not in _ROLES:
             raise APIError(400, f"messages[{i}] needs a role in {sorted(_ROLES)}", param="messages")
         content = m.get("content")
         if content is None and m["role"] == "assistant":
@@ -201,12 +252,16 @@ def completion_prompt(body: dict) -> str:
 # --- responses -------------------------------------------------------------------------------
 
 
+TokenBytes = Callable[[int], bytes]  # token id -> its raw bytes (``Tokenizer.token_bytes``)
+
+
 @dataclass
 class Reply:
     """What every response of one request shares."""
 
     kind: str  # "chat.completion" or "text_completion"
     model: str
+    token_bytes: TokenBytes | None = None  # None: each token's text as UTF-8
     id: str = field(default_factory=lambda: uuid.uuid4().hex[:24])
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -229,7 +284,7 @@ class Reply:
         finish = _finish(c)
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish,
-                      "logprobs": chat_logprobs(c.logprobs)}
+                      "logprobs": chat_logprobs(c.logprobs, self.token_bytes)}
         else:
             choice = {"index": 0, "text": c.text, "finish_reason": finish, "logprobs": text_logprobs(c.logprobs)}
         return self._envelope(self.kind, [choice], usage(c))
@@ -239,7 +294,7 @@ class Reply:
         if self.chat:
             delta = {"role": "assistant", "content": text or ""} if first else ({"content": text} if text else {})
             choice = {"index": 0, "delta": delta, "finish_reason": finish,
-                      "logprobs": chat_logprobs(logprobs) if logprobs else None}
+                      "logprobs": chat_logprobs(logprobs, self.token_bytes) if logprobs else None}
             return self._envelope("chat.completion.chunk", [choice], None)
         choice = {"index": 0, "text": text or "", "finish_reason": finish,
                   "logprobs": text_logprobs(logprobs) if logprobs else None}
@@ -259,15 +314,17 @@ def usage(c: Completion) -> dict:
             "total_tokens": c.prompt_tokens + len(c.token_ids)}
 
 
-def _entry(token: str, logprob: float) -> dict:
-    return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
+def _entry(token_id: int, token: str, logprob: float, token_bytes: TokenBytes | None) -> dict:
+    # The token's own bytes: for part of a UTF-8 character the text is U+FFFD, the bytes are not.
+    raw = token_bytes(token_id) if token_bytes is not None else token.encode("utf-8")
+    return {"token": token, "logprob": logprob, "bytes": list(raw)}
 
 
-def chat_logprobs(lps: list[TokenLogprob] | None) -> dict | None:
+def chat_logprobs(lps: list[TokenLogprob] | None, token_bytes: TokenBytes | None = None) -> dict | None:
     if lps is None:
         return None
-    return {"content": [{**_entry(t.token, t.logprob), "top_logprobs": [_entry(s, lp) for _, s, lp in t.top]}
-                        for t in lps]}
+    return {"content": [{**_entry(t.token_id, t.token, t.logprob, token_bytes),
+                         "top_logprobs": [_entry(i, s, lp, token_bytes) for i, s, lp in t.top]} for t in lps]}
 
 
 def text_logprobs(lps: list[TokenLogprob] | None) -> dict | None:

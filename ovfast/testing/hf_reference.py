@@ -3,7 +3,7 @@
 Used by the tests and by ``ovfast bench``; the engine never imports this module (nor
 transformers). transformers' video processor needs torchvision, so video inputs are built from
 the PIL image processor's own resize / rescale / normalize, which is the Pillow bicubic squash
-ovfast implements (REFERENCE.md section 3.3).
+ovfast implements (docs/reference-behaviour.md section 3.3).
 """
 from __future__ import annotations
 

@@ -15,12 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from ..checkpoint.hf_files import added_token_entry, write_json, write_processor_files
+from ..checkpoint.hf_files import (added_token_entry, output_dir, remove_weights, save_safetensors, write_json,
+                                   write_processor_files)
 from ..checkpoint.random_weights import random_tensor, tensor_specs
 from ..checkpoint.weight_names import LAYOUTS, disk_name
+from ..terminal.progress import progress
 from .random_tokenizer import QWEN2_TOKENIZER_CONFIG, SPECIAL_TOKENS, build_tokenizer
 
 _QWEN2_SPECIALS = SPECIAL_TOKENS[:3]  # <|endoftext|>, <|im_start|>, <|im_end|>: what Qwen2's own tokenizer adds
@@ -166,6 +167,7 @@ def build_checkpoint(
     weights: bool = True,
     full_tower: bool = False,
     vocab_files: bool = False,
+    overwrite: bool = True,
 ) -> Path:
     """Write a random-weight checkpoint directory and return its path.
 
@@ -177,13 +179,15 @@ def build_checkpoint(
     merges.txt instead of tokenizer.json. ``template_file`` is "json" (chat_template.json, as on the Hub) or "jinja".
     Weights larger than ``max_shard_bytes`` are split into shards with an index file.
     ``weights=False`` writes everything but the weights (the 72B shapes do not fit a disk).
+    ``overwrite=False`` refuses a directory that already holds files (``ovfast build-checkpoint``
+    without ``--force``); overwriting removes the directory's old weights first.
     """
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
     if layout not in LAYOUTS:
         raise ValueError(f"unknown layout {layout!r}; choose from {sorted(LAYOUTS)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(out_dir, overwrite)
+    remove_weights(out)  # an old checkpoint's shards or index would be loaded instead of, or with, these
     config = build_config(preset, text=text, vision=vision, extra=extra)
     config["ovfast_random_weights"]["seed"] = seed  # a checkpoint without weights makes them from it
     p = PRESETS[preset]
@@ -274,6 +278,7 @@ def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layou
         size += n
     gen = torch.Generator().manual_seed(seed)
     weight_map = {}
+    bar = progress(desc="writing random weights", total=sum(nbytes), unit="B", unit_scale=True)
     for k, members in enumerate(shards):
         fname = "model.safetensors" if len(shards) == 1 else f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
         tensors = {}
@@ -281,8 +286,10 @@ def _write_weights(out: Path, config: dict, seed: int, dtype: torch.dtype, layou
             name, shape, kind = specs[i]
             tensors[disk_name(name, layout)] = random_tensor(shape, kind, dtype, gen)
             weight_map[disk_name(name, layout)] = fname
-        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+            bar.update(nbytes[i])
+        save_safetensors(tensors, out / fname)
         del tensors
+    bar.close()
     if len(shards) > 1:
         write_json(out / "model.safetensors.index.json", {
             "metadata": {"total_size": sum(nbytes)}, "weight_map": weight_map,

@@ -13,21 +13,20 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
-import platform
-import re
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..terminal.arguments import HelpFormatter, positive_int
+from ..errors import OvfastError
 from ..inputs.media import Video
-from ..runtime.engine import Engine, load
-from ..checkpoint.random_weights import tensor_specs
-from ..testing.random_checkpoint import PRESETS, build_checkpoint
-from .demo import cache_dir, synthetic_image
+from ..terminal.progress import progress, set_enabled
+from ..runtime.engine import Engine
+from . import serving_bench
+from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, question, write_results
+from .demo import synthetic_image
 
 REQUESTS = {
     "image": lambda: ([synthetic_image(480, 640, 1)], []),  # one 640x480 photo: 5 tiles, 2929 tokens
@@ -36,26 +35,9 @@ REQUESTS = {
     "video32": lambda: ([], [[np.asarray(synthetic_image(360, 640, 100 + i)) for i in range(32)]]),  # 6273 tokens
     "text": lambda: ([], []),
 }
-_WORDS = "please describe what you see in detail and mention every colour object person and action".split()
-
-
-def _log(msg: str) -> None:
-    print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def question(engine: Engine, tokens: int) -> str:
-    """A question of about ``tokens`` tokens (counted with the model's tokenizer)."""
-    words = ["What", "is", "shown", "here?"]
-    i = 0
-    while len(engine.tokenizer.encode(" ".join(words))) < tokens:
-        words.insert(-1, _WORDS[i % len(_WORDS)])
-        i += 1
-    return " ".join(words)
 
 
 def copy_bandwidth(device: torch.device, nbytes: int = 1 << 29) -> float:
@@ -81,68 +63,9 @@ def decode_bytes_per_token(engine: Engine) -> int:
     return layers + lm.norm.numel() * lm.norm.element_size() + lm.lm_head.numel() * lm.lm_head.element_size()
 
 
-def _peak_memory(device: torch.device) -> float | None:
-    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-
-
 def _reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int,
-            max_batch_size: int = 1, tensor_parallel_size: int = 1):
-    """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights.
-
-    A preset is a checkpoint directory without weights: ovfast makes random ones on its device
-    (every tensor-parallel rank its own slice), or, to compare, takes transformers' random
-    weights so both run the same model."""
-    hf = None
-    if compare and tensor_parallel_size > 1:
-        raise SystemExit("ovfast bench: transformers runs the model on one device; with --tensor-parallel-size "
-                         "add --no-transformers (and compare with a --tensor-parallel-size 1 run)")
-    options = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   tensor_parallel_size=tensor_parallel_size)
-    if model in PRESETS:
-        path = cache_dir() / f"bench-{model}-config"
-        if not (path / "config.json").is_file():
-            build_checkpoint(path, model, weights=False)
-        config = json.loads((path / "config.json").read_text())
-        _check_memory(config, device, dtype, copies=2 if compare else 1, ranks=tensor_parallel_size)
-        weights = None
-        if compare:
-            from transformers import LlavaOnevisionConfig, LlavaOnevisionForConditionalGeneration
-
-            _log(f"random {model} weights in transformers on {device} ...")
-            hf_config = LlavaOnevisionConfig(**{k: v for k, v in config.items() if k != "ovfast_random_weights"})
-            with torch.device(device):
-                hf = LlavaOnevisionForConditionalGeneration._from_config(hf_config, dtype=dtype, attn_implementation="sdpa")
-            weights = hf.state_dict()
-        else:
-            _log(f"random {model} weights on {device}" + (f" x {tensor_parallel_size} ranks" if tensor_parallel_size > 1 else "") + " ...")
-        engine = load(path, weights=weights, **options)
-        del weights
-    else:
-        engine = load(model, **options)
-        if compare:
-            from transformers import LlavaOnevisionForConditionalGeneration
-
-            hf = LlavaOnevisionForConditionalGeneration.from_pretrained(
-                engine.checkpoint.path, dtype=dtype, attn_implementation="sdpa").to(device)
-        path = engine.checkpoint.path
-    return str(path), engine, (hf.eval() if hf is not None else None)
-
-
-def _check_memory(config: dict, device: torch.device, dtype: torch.dtype, copies: int, ranks: int = 1) -> None:
-    """Refuse, with the numbers, a model that cannot fit (the 72B weights alone are 145 GB in bf16;
-    with tensor parallelism each GPU holds about 1/ranks of them)."""
-    need = sum(int(np.prod(shape)) for _, shape, _ in tensor_specs(config)) * dtype.itemsize * copies / ranks
-    have = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    if have is not None and need * 1.1 > have:
-        raise SystemExit(
-            f"ovfast bench: {copies} copies of these weights need {need / 2**30:.0f} GiB per GPU; {device} has "
-            f"{have / 2**30:.0f} GiB free" + (" (try --no-transformers)" if copies > 1 else " (try --tensor-parallel-size)")
-        )
 
 
 def time_ovfast(engine: Engine, items: list, prompt: str, new_tokens: int, repeat: int) -> dict:
@@ -152,7 +75,7 @@ def time_ovfast(engine: Engine, items: list, prompt: str, new_tokens: int, repea
     warmup_ms = (time.perf_counter() - t0) * 1e3
     _reset_peak(engine.device)
     best = None
-    for _ in range(repeat):
+    for _ in progress(range(repeat), desc="ovfast runs", unit=" runs"):
         t0 = time.perf_counter()
         c = engine.complete(items, prompt, max_new_tokens=new_tokens, ignore_eos=True)
         total = (time.perf_counter() - t0) * 1e3
@@ -165,7 +88,7 @@ def time_ovfast(engine: Engine, items: list, prompt: str, new_tokens: int, repea
                 "decode_tokens_per_s": t.decode_tokens_per_s, "prompt_tokens": c.prompt_tokens,
                 "new_tokens": len(c.token_ids),
             }
-    best.update(peak_memory_gib=_peak_memory(engine.device), warmup_ms=warmup_ms, graph_capture_ms=capture_ms)
+    best.update(peak_memory_gib=peak_memory(engine.device), warmup_ms=warmup_ms, graph_capture_ms=capture_ms)
     return best
 
 
@@ -209,7 +132,7 @@ def time_transformers(hf, ckpt: str, images: list, videos: list, prompt: str, ne
     run(min(new_tokens, 4))  # warm-up
     _reset_peak(device)
     best = None
-    for _ in range(repeat):
+    for _ in progress(range(repeat), desc="transformers runs", unit=" runs"):
         pre, vision, start, times, new = run(new_tokens)
         first = (times[1] - start) * 1e3  # generate() re-encodes the media: vision counts in its TTFT
         decode = (times[-1] - times[1]) * 1e3
@@ -221,28 +144,21 @@ def time_transformers(hf, ckpt: str, images: list, videos: list, prompt: str, ne
                 "decode_tokens_per_s": (new - 1) / (decode / 1e3) if new > 1 and decode > 0 else 0.0,
                 "new_tokens": new,
             }
-    best["peak_memory_gib"] = _peak_memory(device)
+    best["peak_memory_gib"] = peak_memory(device)
     return best
 
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    device, dtype = device_and_dtype(args)
     compare = not args.no_transformers
     images, videos = REQUESTS[args.request]()
-    _log(f"{args.model} on {device_name(device)}, {str(dtype).removeprefix('torch.')}, request {args.request}")
+    log(f"{args.model} on {device_name(device)}, {str(dtype).removeprefix('torch.')}, request {args.request}")
     ckpt, engine, hf = prepare(args.model, device, dtype, compare, args.max_seq_len,
                                tensor_parallel_size=args.tensor_parallel_size)
     try:
         prompt = question(engine, args.question_tokens)
         items = images + [Video(v) for v in videos]
-        _log("ovfast ...")
+        log("ovfast ...")
         result = {
             "date": datetime.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
             "model": args.model, "request": args.request, "dtype": str(dtype).removeprefix("torch."),
@@ -257,7 +173,7 @@ def run(args) -> dict:
             "fraction_of_roofline": result["ovfast"]["decode_tokens_per_s"] / roofline,
         }
         if hf is not None:
-            _log("transformers ...")
+            log("transformers ...")
             result["transformers"] = time_transformers(hf, ckpt, images, videos, prompt, args.new_tokens, args.repeat,
                                                        device, dtype)
             o, t = result["ovfast"], result["transformers"]
@@ -281,7 +197,7 @@ def markdown(r: dict) -> str:
         + (f" x {r['kernels']['tensor_parallel_size']} (tensor parallel)" if r["kernels"]["tensor_parallel_size"] > 1 else "")
         + f", {r['dtype']}, {r['date']}",
         "",
-        f"{r['ovfast']['prompt_tokens']} prompt tokens, {r['new_tokens']} new tokens (eos ignored), "
+        f"{plural(r['ovfast']['prompt_tokens'], 'prompt token')}, {plural(r['new_tokens'], 'new token')} (eos ignored), "
         f"torch {r['torch']}. Ops: {backends}. CUDA graphs: {'on' if r['kernels']['cuda_graphs'] else 'off'}.",
         "",
         "| | ovfast | transformers | ratio |" if hf else "| | ovfast |",
@@ -312,39 +228,38 @@ def _fmt(x) -> str:
     return "-" if x is None else (f"{x:.2f}" if isinstance(x, float) else str(x))
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="ovfast bench", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="tiny", help="preset (tiny, 0.5b, 7b, 72b) or checkpoint directory / Hub id")
-    p.add_argument("--request", default="image", choices=sorted(REQUESTS))
-    p.add_argument("--question-tokens", type=int, default=20)
-    p.add_argument("--new-tokens", type=int, default=256)
-    p.add_argument("--repeat", type=int, default=3)
-    p.add_argument("--dtype", help="default: bfloat16 on a GPU, float32 on the CPU")
-    p.add_argument("--device")
-    p.add_argument("--max-seq-len", type=int, default=8192)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ovfast bench", description=__doc__.splitlines()[0].replace("``", ""),
+                                formatter_class=HelpFormatter)
+    p.add_argument("--model", default="tiny", help="preset (tiny, tiny-mha, 0.5b, 7b, 72b) or checkpoint directory / Hub id")
+    p.add_argument("--request", default="image", choices=sorted(REQUESTS),
+                   help="what to send: one photo, a 10-crop image, 8 images, a 32-frame video or text only")
+    p.add_argument("--question-tokens", type=positive_int, default=20, help="length of the question in tokens")
+    p.add_argument("--new-tokens", type=positive_int, default=256, help="tokens generated per request (eos ignored)")
+    p.add_argument("--repeat", type=positive_int, default=3, help="timed runs after the warm-up; the best is reported")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                   help="weights and activations (default: bfloat16 on a GPU, float32 on the CPU)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda when a GPU is visible, else cpu)")
+    p.add_argument("--max-seq-len", type=positive_int, default=8192, help="the engine's context length")
     p.add_argument("--no-transformers", action="store_true", help="ovfast only")
-    p.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
+    p.add_argument("--tensor-parallel-size", type=positive_int, default=1, metavar="N",
                    help="cut the decoder across N GPUs (needs --no-transformers); 72B needs 2 x H200 or 4 x 80 GB")
-    p.add_argument("--out-dir", default="benchmarks/results")
-    from . import serving_bench
-
+    p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and Markdown results go")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
     serving_bench.add_arguments(p)
-    args = p.parse_args(argv)
-    if args.concurrency is not None:
-        return serving_bench.main(args)
-    result = run(args)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    set_enabled(not args.quiet)
+    try:
+        if args.concurrency is not None:
+            return serving_bench.main(args)
+        result = run(args)
+    except OvfastError as e:
+        print(f"ovfast bench: error: {e}", file=sys.stderr)
+        return 2
     tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     write_results(result, args.out_dir, f"{args.model}-{args.request}{tp}", markdown(result))
     return 0
-
-
-def write_results(result: dict, out_dir: str, name: str, md: str) -> None:
-    """``out_dir/DATE-DEVICE-NAME.{json,md}``; the Markdown is printed too."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^A-Za-z0-9.]+", "-", result["device"]).strip("-").lower()
-    stem = str(out / f"{result['date']}-{slug}-{name}")
-    Path(stem + ".json").write_text(json.dumps(result, indent=2) + "\n")
-    Path(stem + ".md").write_text(md)
-    print(md)
-    _log(f"wrote {stem}.json and .md")

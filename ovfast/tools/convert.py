@@ -18,18 +18,19 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import AddedToken
 
 from ..checkpoint import original
 from ..checkpoint.config import ModelConfig
 from ..checkpoint.files import open_checkpoint
-from ..checkpoint.hf_files import added_token_entry, write_json, write_processor_files
+from ..checkpoint.hf_files import (added_tokens_decoder, output_dir, remove_weights, save_safetensors, write_json,
+                                   write_processor_files)
 from ..checkpoint.prompts import IMAGE_MARKER, VIDEO_MARKER
 from ..checkpoint.tokenizer import Tokenizer
 from ..checkpoint.weight_names import canonical_name, disk_name
 from ..checkpoint.weights import feature_path_skips, safetensors_tensors
 from ..errors import ConfigError, ModelLoadError
+from ..terminal.progress import progress
 
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -42,10 +43,7 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, *, dtype: str | None
     ckpt = open_checkpoint(src)
     if original.family(ckpt.config) != original.LMMS_LAB:
         raise ConfigError(f"{ckpt.path} is already in the llava-hf layout (config.json is a LlavaOnevisionConfig)")
-    out = Path(dst)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelLoadError(f"{out} exists and is not empty (pass overwrite=True / --force to replace its files)")
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(dst, overwrite)
 
     tokenizer = Tokenizer.from_checkpoint(ckpt)
     image_id, video_id = tokenizer.vocab_size, tokenizer.vocab_size + 1
@@ -84,9 +82,10 @@ def _write_tokenizer(tokenizer: Tokenizer, tokenizer_config: dict, out: Path, im
         raise ModelLoadError(f"the tokenizer put <image>/<video> at {got}, expected {(image_id, video_id)}")
     backend.save(str(out / "tokenizer.json"))
     config = dict(tokenizer_config)
-    decoder = dict(config.get("added_tokens_decoder", {}))
-    decoder.update({str(image_id): added_token_entry(IMAGE_MARKER), str(video_id): added_token_entry(VIDEO_MARKER)})
-    config["added_tokens_decoder"] = decoder
+    # Every added token, not only the two new ones: the source's tokenizer_config.json may have no
+    # added_tokens_decoder at all (transformers 5 saves none), and one listing just <image>/<video>
+    # would make transformers split <|im_start|>.
+    config["added_tokens_decoder"] = added_tokens_decoder(json.loads(backend.to_str()))
     extra = list(config.get("additional_special_tokens") or [])
     config["additional_special_tokens"] = extra + [t for t in (IMAGE_MARKER, VIDEO_MARKER) if t not in extra]
     config["processor_class"] = "LlavaOnevisionProcessor"
@@ -107,12 +106,12 @@ def _write_weights(files: list[Path], out: Path, cfg: ModelConfig, rows: int, ne
     def flush() -> None:
         nonlocal pending, size
         if pending:
-            save_file(pending, str(tmp / f"{len(shards)}.safetensors"), metadata={"format": "pt"})
+            save_safetensors(pending, tmp / f"{len(shards)}.safetensors")
             shards.append(list(pending))
             pending, size = {}, 0
 
     unknown = []
-    for _, key, read in safetensors_tensors(files):
+    for _, key, read in progress(safetensors_tensors(files), desc="converting weights", unit=" tensors"):
         canon = canonical_name(key)
         if canon is None:
             unknown.append(key)
@@ -135,8 +134,7 @@ def _write_weights(files: list[Path], out: Path, cfg: ModelConfig, rows: int, ne
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelLoadError(f"the checkpoint has {len(unknown)} tensors ovfast does not know, e.g. {unknown[:3]}")
     flush()
-    for old in list(out.glob("model*.safetensors")) + [out / "model.safetensors.index.json"]:
-        old.unlink(missing_ok=True)
+    remove_weights(out)
     names = ["model.safetensors"] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
     weight_map = {}

@@ -11,6 +11,7 @@ whether every greedy answer under load equals its answer alone (it must).
 """
 from __future__ import annotations
 
+import argparse
 import datetime
 import random
 import threading
@@ -19,8 +20,10 @@ import time
 import numpy as np
 import torch
 
+from ..terminal.arguments import non_negative_float, positive_int
 from ..inputs.media import Video
-from .bench import _log, _peak_memory, device_name, prepare, question, write_results
+from ..terminal.progress import progress
+from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, question, write_results
 from .demo import synthetic_image
 
 KINDS = ("text", "image", "video")
@@ -62,10 +65,13 @@ def _one(engine, items: list, prompt: str, new_tokens: int) -> dict:
             "token_ids": c.token_ids}
 
 
-def run_load(engine, requests: list, prompt: str, new_tokens: int, clients: int, rate: float, seed: int) -> list:
+def run_load(engine, requests: list, prompt: str, new_tokens: int, clients: int, rate: float, seed: int,
+             desc: str = "requests") -> list:
     """Every request through ``clients`` concurrent client threads; results in request order."""
     results: list = [None] * len(requests)
     errors: list[BaseException] = []
+    bar = progress(desc=desc, total=len(requests), unit=" requests")
+    lock = threading.Lock()  # the bar's count is not thread-safe
 
     def client(c: int) -> None:
         rng = random.Random(seed + c)
@@ -76,14 +82,17 @@ def run_load(engine, requests: list, prompt: str, new_tokens: int, clients: int,
                 results[i] = _one(engine, requests[i][1], prompt, new_tokens)
             except BaseException as e:  # reported after the run; the other clients go on
                 errors.append(e)
+            with lock:
+                bar.update()
 
     threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
+    bar.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} requests failed under load; the first: {errors[0]!r}") from errors[0]
+        raise RuntimeError(f"{plural(len(errors), 'request')} failed under load; the first: {errors[0]!r}") from errors[0]
     return results
 
 
@@ -101,28 +110,26 @@ def summarise(results: list) -> dict:
 
 
 def run(args) -> dict:
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    mix = {k: float(v) for k, v in (part.split(":") for part in args.mix.split(","))}
-    unknown = set(mix) - set(KINDS)
-    if unknown:
-        raise SystemExit(f"ovfast bench: --mix kinds are {', '.join(KINDS)}; got {', '.join(sorted(unknown))}")
+    device, dtype = device_and_dtype(args)
+    mix = args.mix
     count = args.requests or 4 * args.concurrency
-    _log(f"{args.model} on {device_name(device)}: {args.concurrency} clients, {count} requests, mix {args.mix}")
+    log(f"{args.model} on {device_name(device)}: {plural(args.concurrency, 'client')}, {plural(count, 'request')}, "
+        f"mix {format_mix(mix)}")
     _, engine, _ = prepare(args.model, device, dtype, False, args.max_seq_len,
                            max_batch_size=args.max_batch_size or args.concurrency,
                            tensor_parallel_size=args.tensor_parallel_size)
     try:
         prompt = question(engine, args.question_tokens)
         requests = workload(count, mix, args.seed, args.video_frames)
-        _log("warm-up ...")
+        log("warm-up ...")
         for kind in sorted(set(k for k, _ in requests)):
             items = next(items for k, items in requests if k == kind)
             engine.complete(items, prompt, max_new_tokens=2, ignore_eos=True)
-        _log("concurrent ...")
-        loaded = run_load(engine, requests, prompt, args.new_tokens, args.concurrency, args.rate, args.seed)
-        _log("one at a time ...")
-        alone = run_load(engine, requests, prompt, args.new_tokens, 1, 0.0, args.seed)
+        log("concurrent ...")
+        loaded = run_load(engine, requests, prompt, args.new_tokens, args.concurrency, args.rate, args.seed,
+                          desc="concurrent")
+        log("one at a time ...")
+        alone = run_load(engine, requests, prompt, args.new_tokens, 1, 0.0, args.seed, desc="one at a time")
         concurrent, sequential = summarise(loaded), summarise(alone)
         same = sum(a["token_ids"] == b["token_ids"] for a, b in zip(loaded, alone))
         return {
@@ -134,7 +141,7 @@ def run(args) -> dict:
             "prefill_chunk": engine.config.prefill_chunk, "cuda_graphs": engine.info()["cuda_graphs"],
             "concurrent": concurrent, "sequential": sequential,
             "throughput_ratio": concurrent["output_tokens_per_s"] / sequential["output_tokens_per_s"],
-            "identical_to_sequential": same, "peak_memory_gib": _peak_memory(device),
+            "identical_to_sequential": same, "peak_memory_gib": peak_memory(device),
             "engine_stats": engine.stats(),
         }
     finally:
@@ -154,13 +161,13 @@ def markdown(r: dict) -> str:
     ]
     kinds = ", ".join(f"{n} {k}" for k, n in r["kinds"].items() if n)
     lines = [
-        f"# Serving: {r['model']}, {r['concurrency']} clients: {r['device']}, {r['dtype']}, {r['date']}",
+        f"# Serving: {r['model']}, {plural(r['concurrency'], 'client')}: {r['device']}, {r['dtype']}, {r['date']}",
         "",
-        f"{c['requests']} requests ({kinds}), {r['new_tokens']} new tokens each (eos ignored), arrival rate "
+        f"{plural(c['requests'], 'request')} ({kinds}), {plural(r['new_tokens'], 'new token')} each (eos ignored), arrival rate "
         f"{r['rate'] or 'unbounded'} req/s, batch {r['max_batch_size']}, prefill chunk {r['prefill_chunk']}, "
         f"CUDA graphs {'on' if r['cuda_graphs'] else 'off'}, torch {r['torch']}.",
         "",
-        f"| | {r['concurrency']} clients | one at a time |",
+        f"| | {plural(r['concurrency'], 'client')} | one at a time |",
         "|---|---|---|",
         *[f"| {name} | {a:.2f} | {b:.2f} |" for name, a, b in rows],
         "",
@@ -170,20 +177,40 @@ def markdown(r: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def parse_mix(text: str) -> dict[str, float]:
+    """An argparse type: ``kind:weight,...`` over text, image and video."""
+    mix = {}
+    for part in text.split(","):
+        kind, sep, weight = part.partition(":")
+        if kind not in KINDS or not sep:
+            raise argparse.ArgumentTypeError(f"{part!r}: expected kind:weight with kind one of {', '.join(KINDS)}")
+        try:
+            mix[kind] = non_negative_float(weight)
+        except argparse.ArgumentTypeError as e:
+            raise argparse.ArgumentTypeError(f"{part!r}: the weight {e}") from None
+    if not sum(mix.values()) > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: at least one weight must be above 0")
+    return mix
+
+
+def format_mix(mix: dict[str, float]) -> str:
+    return ",".join(f"{k}:{v:g}" for k, v in mix.items())
+
+
 def add_arguments(p) -> None:
     g = p.add_argument_group("serving load (with --concurrency)")
-    g.add_argument("--concurrency", type=int, help="simulated clients sharing one engine (the serving benchmark)")
-    g.add_argument("--requests", type=int, help="requests in all (default 4 per client)")
-    g.add_argument("--rate", type=float, default=0.0, help="mean arrivals per second over all clients (0: no wait)")
-    g.add_argument("--mix", default="text:1,image:2,video:1", help="kind:weight,... over text, image, video")
-    g.add_argument("--video-frames", type=int, default=8)
-    g.add_argument("--max-batch-size", type=int, help="engine slots (default: --concurrency)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--concurrency", type=positive_int, help="simulated clients sharing one engine (the serving benchmark)")
+    g.add_argument("--requests", type=positive_int, help="requests in all (default: 4 per client)")
+    g.add_argument("--rate", type=non_negative_float, default=0.0,
+                   help="mean arrivals per second over all clients (0: no wait)")
+    g.add_argument("--mix", type=parse_mix, default="text:1,image:2,video:1",
+                   help="kind:weight,... over text, image, video")
+    g.add_argument("--video-frames", type=positive_int, default=8, help="frames of each video request")
+    g.add_argument("--max-batch-size", type=positive_int, help="engine slots (default: --concurrency)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the workload and the think times")
 
 
 def main(args) -> int:
-    if args.concurrency < 1:
-        raise SystemExit("ovfast bench: --concurrency must be at least 1")
     result = run(args)
     tp = f"-tp{args.tensor_parallel_size}" if args.tensor_parallel_size > 1 else ""
     write_results(result, args.out_dir, f"{args.model}-serving-c{args.concurrency}{tp}", markdown(result))

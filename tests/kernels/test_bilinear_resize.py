@@ -43,7 +43,7 @@ def test_strided_view_of_a_feature_grid():
 
 
 def test_video_pooling_is_not_a_2x2_mean():
-    """27 -> 14 bilinear weights drift across the grid (REFERENCE.md section 7): a mean is wrong."""
+    """27 -> 14 bilinear weights drift across the grid (docs/reference-behaviour.md section 7): a mean is wrong."""
     x = torch.randn(1, 27, 27, 8, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     out = bilinear_resize(x, 14, 14)
     mean = torch.nn.functional.avg_pool2d(x.permute(0, 3, 1, 2), 2, ceil_mode=True).permute(0, 2, 3, 1)
