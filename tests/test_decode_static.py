@@ -17,7 +17,7 @@ def _dynamic_greedy(engine, images, prompt, n):
     req = engine.requests.prepare(images, prompt, True, SamplingParams.make(max_new_tokens=n))
     lm = engine.model.language_model
     with torch.inference_mode():
-        hidden = engine._prefill(req, slot=0)
+        hidden = engine.runner.prompt_hidden(req, engine.cache)
         token = int(lm.logits(hidden[-1:]).argmax(-1))
         out, position = [token], len(req.input_ids)
         while len(out) < n and token not in engine.eos_ids:
@@ -51,16 +51,16 @@ def test_static_step_equals_dynamic_decoding(ckpt, n_requests):
     expected = [_dynamic_greedy(engine, im, p, n) for im, p, n in requests]
     got = engine.complete_many([(im, p, {"max_new_tokens": n}) for im, p, n in requests])
     assert [c.token_ids for c in got] == expected
-    assert not engine.runner.active.any()
+    assert not engine.runner.decode.active.any()
 
 
 def test_rows_idle_on_their_last_position(tiny):
     """After a call, retired rows neither advance nor leave stale state behind."""
     _, engine = tiny
     engine.complete_many([(None, "a", {"max_new_tokens": 2}), (None, "b", {"max_new_tokens": 6})])
-    before = engine.runner.positions.clone()
-    engine.runner.step(2, sampling=False)
-    assert torch.equal(engine.runner.positions, before)
+    before = engine.runner.decode.positions.clone()
+    engine.runner.decode.step(2, sampling=False)
+    assert torch.equal(engine.runner.decode.positions, before)
 
 
 @pytest.mark.gpu
@@ -69,8 +69,8 @@ def test_cuda_graphs_equal_eager_steps(checkpoint_dirs, monkeypatch):
     prompts = [(None, f"Question {i} about something.", {"max_new_tokens": 5 + 3 * i}) for i in range(5)]
     graphs = ovfast.load(path, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=1024)
     assert graphs.runner.use_graphs, "graphs need the Triton attention_decode kernel"
-    capture_ms = graphs.runner.capture_all()
-    assert capture_ms > 0 and len(graphs.runner.graphs) == 2 * len(graphs.runner.buckets)
+    capture_ms = graphs.runner.capture_graphs()
+    assert capture_ms > 0 and len(graphs.runner.decode.graphs) == 2 * len(graphs.runner.decode.buckets)
     monkeypatch.setenv("OVFAST_CUDA_GRAPHS", "0")
     eager = ovfast.load(path, device="cuda", dtype="bfloat16", max_batch_size=4, max_seq_len=1024)
     assert not eager.runner.use_graphs

@@ -114,7 +114,7 @@ def test_abandoned_stream_releases_the_engine(engine, baseline):
 def test_errors_inside_the_model_leave_the_engine_usable(engine, baseline, monkeypatch):
     """A failure halfway through generation (e.g. out of memory) propagates and nothing stays reserved."""
     calls = {"n": 0}
-    real = engine.runner.step
+    real = engine.runner.decode.step
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -122,14 +122,14 @@ def test_errors_inside_the_model_leave_the_engine_usable(engine, baseline, monke
             raise RuntimeError("simulated device failure")
         return real(*a, **k)
 
-    monkeypatch.setattr(engine.runner, "step", failing)
+    monkeypatch.setattr(engine.runner.decode, "step", failing)
     with pytest.raises(RuntimeError, match="simulated"):
         engine.complete_many([(GOOD_IMAGE, "What is shown?"), (None, "y")], max_new_tokens=6)
     monkeypatch.undo()
     assert engine.complete(GOOD_IMAGE, "What is shown?", max_new_tokens=6).token_ids == baseline
     stats = engine.stats()  # nothing stays reserved
     assert stats["running"] == stats["waiting"] == 0 and stats["free_slots"] == engine.cache.slots
-    assert not engine.runner.active.any()  # no row keeps advancing
+    assert not engine.runner.decode.active.any()  # no row keeps advancing
 
 
 def test_error_types_are_catchable_as_builtin_kinds():

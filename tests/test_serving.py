@@ -141,7 +141,7 @@ def test_cancel_a_running_request_frees_its_slot(tiny):
     done = handle.result(timeout=30)
     assert done.finish_reason == "cancelled" and 0 < len(done.token_ids) < 400
     _wait_for(lambda: engine.stats()["running"] == 0)
-    assert not engine.runner.active.any()
+    assert not engine.runner.decode.active.any()
 
 
 def test_closing_a_stream_early_cancels_it(tiny):
@@ -168,8 +168,7 @@ def test_max_queue_refuses_at_once_and_cancelled_waiters_never_run(checkpoint_di
         running.cancel()
         assert waiting[1].result(timeout=30).finish_reason == "length"
         assert e.stats()["waiting"] == 0
-        gate = e._scheduler._prepared_gate
-        assert gate._value == 2  # every pixel-holding permit came back
+        assert e.stats()["prepared"] == 0  # every pixel-holding permit came back
 
 
 def test_bad_input_on_a_worker_leaks_nothing(tiny):
@@ -225,14 +224,14 @@ def test_requests_ending_at_max_seq_len_beside_others(small):
     # Retired rows park on the scratch position with length 0, never past the cache.
     assert small.cache.max_len >= small.max_seq_len + 1
     assert small.model.language_model.cos_sin.shape[0] >= small.max_seq_len + 1
-    assert torch.all(small.runner.positions == small.runner.scratch)
+    assert torch.all(small.runner.decode.positions == small.runner.decode.scratch)
     three = small.complete_many([(None, "a", {"max_new_tokens": 2}), (None, "b", {"max_new_tokens": 3}),
                                  (None, prompt, {"max_new_tokens": exact, "ignore_eos": True})])
     assert three[2].token_ids == alone.token_ids
 
 
 def test_idle_rows_have_length_zero_in_a_step(small):
-    runner = small.runner
+    runner = small.runner.decode
     runner.step(3, sampling=False)  # every row idle
     assert torch.all(runner.seq_lens[:3] == 0) and torch.all(runner.positions == runner.scratch)
 

@@ -16,7 +16,8 @@ Two variants per bucket: plain greedy (argmax) and general (penalties, temperatu
 min-p, keyed draws and log-probabilities; see ``sampling``). On CUDA, when the decode attention
 is a kernel (flash-attn or Triton: the torch reference reads lengths on the host), every bucket
 (1, 2, 4, ... up to the slot count) is captured in both variants by ``capture_all``, which the
-engine calls at load; elsewhere, and with ``OVFAST_CUDA_GRAPHS=0``, the same step runs eagerly.
+engine calls at load; elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
+same step runs eagerly.
 """
 from __future__ import annotations
 
@@ -53,13 +54,14 @@ def _decode_attention_is_a_kernel(device: torch.device, dtype: torch.dtype, head
 class DecodeRunner:
     """The decode step of one engine; under tensor parallelism, of one rank (``tp``).
 
-    Rank 0 announces each step (and each capture) to the workers and broadcasts the step's
-    inputs (tokens, positions, which rows are active) at its start, inside the graph; every rank
+    Rank 0's model runner announces each step (and each capture) to the workers; the step
+    broadcasts its inputs (tokens, positions, which rows are active) at its start, inside the
+    graph; every rank
     then runs the same sharded forward pass and gathers the logits; only rank 0 chooses tokens.
     """
 
     def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, scratch: int,
-                 tp: TensorParallel | None = None):
+                 tp: TensorParallel | None = None, graphs: bool | None = None):
         self.lm, self.cache, self.device, self.tp = lm, cache, device, tp
         self.worker = tp is not None and tp.rank > 0
         if not 0 <= scratch < cache.max_len:
@@ -94,7 +96,7 @@ class DecodeRunner:
         self.capture_ms = 0.0
         self.use_graphs = (
             device.type == "cuda"
-            and os.environ.get("OVFAST_CUDA_GRAPHS", "1") != "0"
+            and (graphs if graphs is not None else os.environ.get("OVFAST_CUDA_GRAPHS", "1") != "0")
             and _decode_attention_is_a_kernel(device, cache.k.dtype, cache.k.shape[-1])
         )
         self._pool = None
@@ -157,8 +159,6 @@ class DecodeRunner:
         ``sampling``: the general variant (needed when any row samples, is penalised or wants
         log-probabilities)."""
         b = self.bucket(rows)
-        if self.tp is not None and not self.worker:
-            self.tp.send(("decode", {"rows": rows, "general": sampling}))
         if not self.use_graphs:
             self._forward(b, sampling)
         else:
@@ -169,8 +169,6 @@ class DecodeRunner:
     def capture_all(self) -> float:
         """Capture every bucket in both variants now (largest first); returns the milliseconds spent."""
         if self.use_graphs:
-            if self.tp is not None and not self.worker:
-                self.tp.send(("capture", {}))
             for b in reversed(self.buckets):
                 for variant in (False, True):
                     if (b, variant) not in self.graphs:

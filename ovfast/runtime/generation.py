@@ -1,11 +1,13 @@
 """Per-request generation state: produced tokens, their text, stop conditions and timings."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
 
 import torch
 
 from ..checkpoint.tokenizer import IncrementalDecoder, Tokenizer
+from .handle import RequestHandle
 from .request import PreparedRequest
 
 
@@ -96,16 +98,43 @@ class TextAssembler:
         return out
 
 
-@dataclass
-class Sequence:
-    """A request being generated in one KV-cache slot."""
+class Status(enum.Enum):
+    """Where a request is in its life; exactly one at a time (docs/request-lifecycle.md).
 
-    request: PreparedRequest
-    slot: int
-    text: TextAssembler
-    seed: int  # keys the draws of a sampling request (see ``sampling.keyed_noise``)
-    timings: Timings
-    submitted: float = 0.0  # perf_counter() when the request was accepted
+    PREPROCESSING -> READY -> PREFILLING (vision pieces, then prompt chunks) -> DECODING -> one of
+    FINISHED, CANCELLED, FAILED. A request can be cancelled or fail from any earlier status.
+    """
+
+    PREPROCESSING = "preprocessing"  # accepted; a worker decodes media and tokenises
+    READY = "ready"  # prepared, waiting for a KV-cache slot
+    PREFILLING = "prefilling"  # in a slot: vision pieces, then prefill chunks, up to the first token
+    DECODING = "decoding"  # in a decode step with every other decoding sequence
+    FINISHED = "finished"
+    CANCELLED = "cancelled"
+    FAILED = "failed"
+
+    @property
+    def ended(self) -> bool:
+        return self in (Status.FINISHED, Status.CANCELLED, Status.FAILED)
+
+    @property
+    def in_slot(self) -> bool:
+        return self in (Status.PREFILLING, Status.DECODING)
+
+
+@dataclass(eq=False)  # identity: sequences are kept in sets and compared by who they are
+class Sequence:
+    """One request from acceptance to its end: its status, and once prepared, its generation state."""
+
+    handle: RequestHandle
+    status: Status = Status.PREPROCESSING
+    request: PreparedRequest | None = None  # set when preprocessing is done
+    slot: int = -1  # its KV-cache slot while PREFILLING or DECODING
+    text: TextAssembler | None = None
+    seed: int = 0  # keys the draws of a sampling request (see ``sampling.keyed_noise``)
+    timings: Timings = field(default_factory=Timings)
+    vision: object | None = None  # the model runner's plan for the media still to encode
+    spans: list = field(default_factory=list)  # (kind, start, end) device-time marks of its prefill pieces
     embeds: torch.Tensor | None = None  # the prompt's input rows (media merged) until prefilled
     prefilled: int = 0  # prompt positions already in the cache
     length: int = 0  # positions of this sequence already in the cache
@@ -114,11 +143,20 @@ class Sequence:
     previous_token: float = 0.0  # ... and of the one before (inter-token latency)
     tokens: list[int] = field(default_factory=list)
     logprobs: list | None = None
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # set with the token that ends it ("stop", "length") or by cancel()
 
     @property
-    def prefilling(self) -> bool:
-        return self.prefilled < len(self.request.input_ids)
+    def submitted(self) -> float:
+        return self.handle.submitted
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.input_ids) if self.request is not None else 0
+
+    @property
+    def done_generating(self) -> bool:
+        """A token ended it (eos, a stop string, max_new_tokens) or it was cancelled."""
+        return self.finish_reason is not None
 
     def add_token(self, token: int, eos_ids: frozenset[int]) -> None:
         self.tokens.append(token)
@@ -133,8 +171,11 @@ class Sequence:
     def cancel(self) -> None:
         if not self.finish_reason:
             self.finish_reason = "cancelled"
-            self.text.close()
+            if self.text is not None:
+                self.text.close()
 
     def completion(self) -> Completion:
-        return Completion(self.text.text, list(self.tokens), len(self.request.input_ids), self.finish_reason,
+        if self.text is None:  # ended before it was prepared or admitted
+            return Completion("", [], self.prompt_tokens, self.finish_reason or "cancelled", self.timings)
+        return Completion(self.text.text, list(self.tokens), self.prompt_tokens, self.finish_reason,
                           self.timings, self.logprobs)

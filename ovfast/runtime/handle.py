@@ -11,8 +11,10 @@ import asyncio
 import threading
 import time
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-from .generation import Completion
+if TYPE_CHECKING:  # generation imports this module
+    from .generation import Completion
 
 
 class RequestHandle:

@@ -28,6 +28,15 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
+    def sized(self, slots: int, max_len: int) -> "KVCache":
+        """A new cache like this one (layers, heads, dtype, device) of another size: a job's scratch."""
+        out = object.__new__(KVCache)
+        out.slots, out.max_len = slots, max_len
+        layers, _, _, heads, head_dim = self.k.shape
+        out.k = torch.zeros((layers, slots, max_len, heads, head_dim), dtype=self.k.dtype, device=self.k.device)
+        out.v = torch.zeros_like(out.k)
+        return out
+
     @property
     def nbytes(self) -> int:
         return 2 * self.k.numel() * self.k.element_size()

@@ -1,36 +1,69 @@
-"""The serving loop: one background thread owns the device; every caller shares its batch.
+"""The serving loop: one background thread drives the model runner; every caller shares its batch.
 
-A request goes: ``submit`` (counted at once against ``max_queue``) -> a preprocessing worker
-(decode, tile, tokenise; at most ``max_prepared`` requests hold pixels before admission) -> the
-ready queue -> a free KV-cache slot at the next step boundary -> vision, once -> prefill in
-chunks of at most ``prefill_chunk`` tokens, one chunk per loop turn between decode steps -> decode
-steps with every other running sequence -> finished, cancelled or failed: the slot is free at once.
+Each request is one ``Sequence`` with one ``Status`` (docs/request-lifecycle.md):
 
-Decode steps are queued one ahead: while the device computes step t+1, the host turns step t's
-tokens into text and checks stop conditions, synchronising once per step. A sequence found
+    submit -> PREPROCESSING (a worker: decode, tile, tokenise) -> READY -> a free KV-cache slot
+    -> PREFILLING (vision pieces, then prefill chunks; one piece per loop turn) -> DECODING
+    (one step per loop turn with every other decoding sequence) -> FINISHED | CANCELLED | FAILED
+
+A loop turn: admit ready sequences into free slots, run one waiting job (``run_job``: work that
+needs the device but no slot), advance the oldest prefilling sequence by one piece, launch a
+decode step, then collect the step launched the turn before. Steps are queued one ahead: while
+the device computes step t+1, the host turns step t's tokens into text. A sequence found
 finished at step t already had step t+1 computed; that token is dropped.
+
+Calls go one way: the scheduler calls the runner (``begin``, ``advance``, ``start_decoding``,
+``launch``, ``collect``, ``retire``) and reads what it returns; the runner never calls back. The
+choices themselves (who is admitted, who prefills next, who decodes) are the functions below,
+which a test can drive with a fake runner.
 """
 from __future__ import annotations
 
 import atexit
 import itertools
+import logging
 import threading
-import traceback
+import time
 import weakref
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
 from ..errors import EngineBusyError, EngineOverloadedError, OvfastError
-from .generation import Sequence
+from .generation import Sequence, Status
 from .handle import RequestHandle
 from .request import PreparedRequest
+
+log = logging.getLogger("ovfast")
 
 _LIVE: "weakref.WeakSet[Scheduler]" = weakref.WeakSet()
 _IDLE_EXIT_S = 5.0  # the loop thread exits after this long without work (and restarts on demand)
 _LATENCY_SAMPLES = 4096
+_DEFECTS_KEPT = 16
+
+
+# --- policy: pure functions of the sequences ----------------------------------------------------------
+
+def free_slots(running: dict[int, Sequence], slots: int) -> list[int]:
+    return [s for s in range(slots) if s not in running]
+
+
+def admissions(ready: Iterable[Sequence], free: list[int]) -> list[tuple[Sequence, int]]:
+    """First come, first served: the oldest ready sequences take the lowest free slots."""
+    return list(zip(ready, free))
+
+
+def next_to_prefill(running: dict[int, Sequence]) -> Sequence | None:
+    """The oldest prefilling sequence: the others' streams wait one piece, never a whole prompt."""
+    pending = [seq for seq in running.values() if seq.status is Status.PREFILLING]
+    return min(pending, key=lambda seq: seq.submitted, default=None)
+
+
+def decoding(running: dict[int, Sequence]) -> dict[int, Sequence]:
+    """Slot -> sequence of those the next decode step advances."""
+    return {slot: seq for slot, seq in running.items() if seq.status is Status.DECODING and not seq.done_generating}
 
 
 def _percentiles(samples) -> dict[str, float]:
@@ -42,82 +75,105 @@ def _percentiles(samples) -> dict[str, float]:
 
 
 class Scheduler:
-    def __init__(self, engine, max_queue: int, prefill_chunk: int, preprocess_workers: int, max_prepared: int):
-        self.engine = engine
-        self.max_queue, self.prefill_chunk = max_queue, prefill_chunk
+    def __init__(self, runner, *, slots: int, tokens_per_slot: int, max_queue: int, prefill_chunk: int,
+                 preprocess_workers: int, max_prepared: int, device: torch.device | None = None):
+        self.runner = runner
+        self.slots, self.tokens_per_slot = slots, tokens_per_slot
+        self.max_queue, self.prefill_chunk, self.max_prepared = max_queue, prefill_chunk, max_prepared
+        self.device = device
         self._cond = threading.Condition()
         self._ids = itertools.count()
         self._pool = ThreadPoolExecutor(preprocess_workers, thread_name_prefix="ovfast-preprocess")
-        self._prepared_gate = threading.BoundedSemaphore(max_prepared)
-        self._waiting = 0  # accepted, not yet in a slot (preprocessing or ready)
-        self._ready: deque[tuple[RequestHandle, PreparedRequest]] = deque()
-        self._jobs: deque[tuple[Callable, RequestHandle]] = deque()  # device work outside generation
-        self._sweep = False  # a handle was cancelled: look at the ready queue and the running slots
-        self._running: dict[int, tuple[RequestHandle, Sequence]] = {}  # slot -> request
+        # Everything below is shared between callers, workers and the loop: read and written under _cond.
+        self._preprocessing: set[Sequence] = set()
+        self._holding = 0  # sequences holding preprocessed pixels (being prepared, or READY): <= max_prepared
+        self._ready: deque[Sequence] = deque()
+        self._running: dict[int, Sequence] = {}  # slot -> PREFILLING or DECODING sequence
+        self._jobs: deque[tuple[Callable[[], object], Future]] = deque()
+        self._sweep = False  # a handle was cancelled: look for it in the queue and the slots
         self._thread: threading.Thread | None = None
         self._closed = False
         self.closed_reason: str | None = None  # set by abort(): why the engine can no longer run
-        self.finished = 0
-        self.tokens_generated = 0
+        self._finished = 0
+        self._tokens = 0
         self._ttft: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._itl: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
-        self.errors: list[str] = []  # unexpected loop failures (tracebacks), for diagnosis
+        self._defects: deque[dict] = deque(maxlen=_DEFECTS_KEPT)
         _LIVE.add(self)
 
-    # --- callers' side -------------------------------------------------------------------------
+    # --- callers' side ---------------------------------------------------------------------------
 
     def submit(self, prepare: Callable[[], PreparedRequest]) -> RequestHandle:
         """Accept a request (or refuse it at once) and preprocess it on a worker."""
         with self._cond:
             if self._closed:
                 raise self._closed_error()
-            if self._waiting >= self.max_queue:
-                waiting = "1 request is" if self._waiting == 1 else f"{self._waiting} requests are"
-                raise EngineOverloadedError(f"{waiting} already waiting (max_queue={self.max_queue}); retry later")
-            self._waiting += 1
-            handle = RequestHandle(f"req-{next(self._ids)}", self._cancel)
-        self._pool.submit(self._preprocess, handle, prepare)
-        return handle
+            waiting = len(self._preprocessing) + len(self._ready)
+            if waiting >= self.max_queue:
+                what = "1 request is" if waiting == 1 else f"{waiting} requests are"
+                raise EngineOverloadedError(f"{what} already waiting (max_queue={self.max_queue}); retry later")
+            seq = Sequence(RequestHandle(f"req-{next(self._ids)}", self._cancelled))
+            self._preprocessing.add(seq)
+        log.debug("%s accepted", seq.handle.id)
+        self._pool.submit(self._preprocess, seq, prepare)
+        return seq.handle
 
-    def run_on_device(self, fn: Callable[[int], object], needs_slot: bool = True):
-        """Run ``fn(slot)`` on the loop thread between steps (a free slot lent for its duration)."""
-        handle = RequestHandle(f"job-{next(self._ids)}", lambda h: None)
+    def run_job(self, fn: Callable[[], object]):
+        """Run ``fn()`` on the loop thread between steps (device work outside generation, such as
+        scoring a prompt) and return its result. Needs no KV-cache slot: never waits for one."""
+        fut: Future = Future()
         with self._cond:
             if self._closed:
                 raise self._closed_error()
-            self._jobs.append((fn, handle))
+            self._jobs.append((fn, fut))
             self._wake()
-        return handle.result()
+        return fut.result()
 
-    def _cancel(self, handle: RequestHandle) -> None:
+    def _cancelled(self, handle: RequestHandle) -> None:
         with self._cond:
             self._sweep = True
             self._wake()
 
-    def _preprocess(self, handle: RequestHandle, prepare: Callable[[], PreparedRequest]) -> None:
-        self._prepared_gate.acquire()  # bounds the pixels held by requests waiting for a slot
+    def _preprocess(self, seq: Sequence, prepare: Callable[[], PreparedRequest]) -> None:
+        with self._cond:  # bounds the pixels held by requests not yet admitted
+            self._cond.wait_for(lambda: self._holding < self.max_prepared or self._closed or seq.handle.cancelled)
+            if seq not in self._preprocessing:  # ended meanwhile (close)
+                return
+            if self._closed or seq.handle.cancelled:
+                self._leave_preprocessing(seq)
+                self._end_waiting(seq, Status.CANCELLED)
+                return
+            self._holding += 1
         try:
-            if handle.cancelled:
-                raise _Cancelled
             req = prepare()
         except BaseException as e:  # input errors go to the caller; the engine is untouched
-            self._prepared_gate.release()
             with self._cond:
-                self._waiting -= 1
-            if isinstance(e, _Cancelled):
-                handle._finish(self.engine._cancelled_completion())
-            else:
-                handle._finish(error=e)
+                self._holding -= 1
+                self._cond.notify_all()
+                if self._leave_preprocessing(seq):
+                    self._end_waiting(seq, Status.FAILED, error=e)
             return
-        handle._set_prepared()
         with self._cond:
-            self._ready.append((handle, req))
-            self._sweep |= handle.cancelled  # cancelled while it was being prepared
+            if not self._leave_preprocessing(seq):  # closed while it was prepared
+                self._holding -= 1
+                self._cond.notify_all()
+                return
+            seq.request, seq.status = req, Status.READY
+            self._ready.append(seq)
+            self._sweep |= seq.handle.cancelled  # cancelled while it was being prepared
             self._wake()
+        seq.handle._set_prepared()
+
+    def _leave_preprocessing(self, seq: Sequence) -> bool:
+        """(holding the lock) Whether ``seq`` was still preprocessing; it no longer is."""
+        if seq in self._preprocessing:
+            self._preprocessing.discard(seq)
+            return True
+        return False
 
     def _wake(self) -> None:
         """(holding the lock) Notify the loop, starting it if it is not running."""
-        if self._thread is None:
+        if self._thread is None and not (self._closed and not self._running):
             self._thread = threading.Thread(target=self._loop, name="ovfast-scheduler", daemon=True)
             self._thread.start()
         self._cond.notify_all()
@@ -127,238 +183,262 @@ class Scheduler:
 
     def abort(self, reason: str) -> None:
         """Stop for good because the engine cannot run any more (a tensor-parallel worker died): new
-        requests are refused with ``reason``, the running and waiting ones fail with it. Callable
-        from any thread; does not wait for the loop (it may be inside a failing collective)."""
+        requests are refused with ``reason``; running and waiting ones fail with it. Callable from
+        any thread; does not wait for the loop (it may be inside a failing collective)."""
+        log.error("engine aborted: %s", reason)
         with self._cond:
             self._closed = True
             self.closed_reason = reason
+            self._end_all_waiting(Status.FAILED, self._closed_error())
             self._cond.notify_all()
-            if self._thread is None:  # no loop to do it: fail what waits here
-                self._fail_waiting()
-
-    def _fail_waiting(self) -> None:
-        """(holding the lock) The ready queue and the device jobs end with the abort's error."""
-        error = self._closed_error()
-        ready, self._ready = list(self._ready), deque()
-        jobs, self._jobs = list(self._jobs), deque()
-        for handle, _ in ready:
-            self._waiting -= 1
-            self._prepared_gate.release()
-            handle._finish(error=error)
-        for _, handle in jobs:
-            handle._finish(error=error)
 
     def close(self, timeout: float | None = 30.0) -> None:
+        """Refuse new requests; whatever waits ends cancelled now, whatever runs at the next step
+        boundary. Returns once the loop has stopped (or after ``timeout``), whatever is queued."""
         with self._cond:
             self._closed = True
             thread = self._thread
+            self._end_all_waiting(Status.CANCELLED, EngineBusyError("the engine is closed"))
             self._cond.notify_all()
-        self._pool.shutdown(wait=True, cancel_futures=False)
-        if thread is not None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
-        # Whatever was never admitted ends cancelled.
-        with self._cond:
-            ready, self._ready = list(self._ready), deque()
-            jobs, self._jobs = list(self._jobs), deque()
-        for handle, _ in ready:
-            self._prepared_gate.release()
-            handle._finish(self.engine._cancelled_completion())
-        for _, handle in jobs:
-            handle._finish(error=EngineBusyError("the engine is closed"))
+
+    def _end_all_waiting(self, status: Status, job_error: BaseException) -> None:
+        """(holding the lock) Every sequence not in a slot ends with ``status``; every job fails."""
+        for seq in list(self._preprocessing):
+            self._leave_preprocessing(seq)
+            self._end_waiting(seq, status, error=job_error if status is Status.FAILED else None)
+        while self._ready:
+            seq = self._ready.popleft()
+            self._holding -= 1
+            self._end_waiting(seq, status, error=job_error if status is Status.FAILED else None)
+        while self._jobs:
+            _, fut = self._jobs.popleft()
+            fut.set_exception(job_error)
+
+    def _end_waiting(self, seq: Sequence, status: Status, error: BaseException | None = None) -> None:
+        """(holding the lock) ``seq``, never admitted, ends: cancelled (an empty completion) or with ``error``."""
+        seq.status = status
+        log.debug("%s %s before admission", seq.handle.id, status.value)
+        if status is Status.CANCELLED:
+            seq.cancel()
+            seq.handle._finish(seq.completion())
+        else:
+            seq.handle._finish(error=error)
 
     def stats(self) -> dict:
         with self._cond:
             running = list(self._running.values())
-            waiting = self._waiting
-        cache = self.engine.cache
-        return {
-            "running": len(running),
-            "waiting": waiting,
-            "free_slots": cache.slots - len(running),
-            "kv_tokens_used": sum(seq.length for _, seq in running if seq is not None),
-            "kv_tokens_total": cache.slots * self.engine.max_seq_len,
-            "requests_finished": self.finished,
-            "tokens_generated": self.tokens_generated,
-            "ttft_ms": _percentiles(self._ttft),
-            "inter_token_ms": _percentiles(self._itl),
-        }
+            return {
+                "running": len(running),
+                "waiting": len(self._preprocessing) + len(self._ready),
+                "prepared": self._holding,
+                "free_slots": self.slots - len(running),
+                "kv_tokens_used": sum(seq.length for seq in running),
+                "kv_tokens_total": self.slots * self.tokens_per_slot,
+                "requests_finished": self._finished,
+                "tokens_generated": self._tokens,
+                "ttft_ms": _percentiles(self._ttft),
+                "inter_token_ms": _percentiles(self._itl),
+            }
 
-    # --- the loop ------------------------------------------------------------------------------
+    def defects(self) -> list[dict]:
+        """The most recent unexpected failures (newest last): when, where, what, and which requests."""
+        with self._cond:
+            return [dict(d) for d in self._defects]
+
+    # --- the loop ----------------------------------------------------------------------------------
 
     def _loop(self) -> None:
-        engine = self.engine
-        if engine.device.type == "cuda":
-            torch.cuda.set_device(engine.device)  # every launch of this thread goes to the engine's GPU
+        if self.device is not None and self.device.type == "cuda":
+            torch.cuda.set_device(self.device)  # every launch of this thread goes to the engine's GPU
         in_flight = None
         with torch.inference_mode():
             while True:
                 with self._cond:
-                    while not (self._ready or self._running or self._jobs or self._sweep or in_flight):
-                        if self._closed or not self._cond.wait(_IDLE_EXIT_S):
-                            if self._ready or self._jobs:  # arrived just as the wait timed out
-                                break
-                            self._thread = None
-                            return
-                    closing = self._closed
-                    if self.closed_reason is not None:  # aborted: nothing more can run
-                        self._fail_waiting()
-                        self._fail_all(self._closed_error())
-                        in_flight = None
+                    if not self._wait_for_work(in_flight is not None):
                         self._thread = None
                         return
+                    if self.closed_reason is not None:  # aborted: nothing more can run
+                        for seq in list(self._running.values()):
+                            self._end_running(seq, error=self._closed_error())
+                        self._thread = None
+                        return
+                    closing = self._closed
                     if self._sweep or closing:
                         self._sweep = False
-                        self._drop_cancelled_waiting()
-                    free = [s for s in range(engine.cache.slots) if s not in self._running]
-                    admitted = []
-                    while free and self._ready and not closing:
-                        slot = free.pop(0)
-                        handle, req = self._ready.popleft()
-                        self._waiting -= 1
-                        admitted.append((slot, handle, req))
-                        self._running[slot] = (handle, None)  # reserved; the sequence comes next
-                    job = self._jobs.popleft() if (self._jobs and free) else None
-                try:
-                    self._drop_cancelled_running(closing)
-                    for slot, handle, req in admitted:
-                        self._admit(slot, handle, req)
-                    if job is not None:
-                        self._run_job(job, free[0])
-                    self._prefill_one_chunk()
-                    queued = self._queue_step()
-                    if in_flight is not None:
-                        self._collect(*in_flight)
-                    in_flight = queued
-                except Exception:  # a defect, not a request error: fail what runs, keep serving
-                    self.errors.append(traceback.format_exc())
-                    in_flight = None
-                    if self._abort_if_fatal():
-                        continue
-                    self._fail_all(RuntimeError("ovfast: the engine failed during a step:\n" + self.errors[-1]))
-                if closing and not self._running and in_flight is None:
+                        self._drop_cancelled_ready()
+                    admitted = [] if closing else self._admit()
+                    job = self._jobs.popleft() if self._jobs else None
+                    cancelled = [seq for seq in self._running.values()
+                                 if seq not in admitted and (closing or seq.handle.cancelled)]
+                for seq in cancelled:
+                    seq.cancel()
+                    self._end_running(seq)
+                for seq in admitted:
+                    self._begin(seq)
+                if job is not None:
+                    self._run_job(*job)
+                self._prefill_piece()
+                queued = self._launch()
+                if in_flight is not None:
+                    self._collect(in_flight)
+                in_flight = queued
+                if closing:
                     with self._cond:
-                        self._thread = None
-                    return
+                        if not self._running and in_flight is None:
+                            self._thread = None
+                            return
 
-    def _abort_if_fatal(self) -> bool:
-        """After a defect: True, and aborted with the engine's reason, when the engine cannot go on
-        (under tensor parallelism, a dead worker or a failed collective)."""
-        reason = self.engine._fatal()
-        if reason is not None:
-            self.abort(reason)
-        return reason is not None
+    def _wait_for_work(self, in_flight: bool) -> bool:
+        """(holding the lock) Until there is something to do: False when the loop should exit."""
+        def work() -> bool:
+            admissible = self._ready and len(self._running) < self.slots
+            return bool(admissible or self._running or self._jobs or self._sweep or in_flight or self._closed)
 
-    def _release(self, slot: int, completion=None, error=None) -> None:
-        handle, seq = self._running.pop(slot)
-        self.engine.runner.retire(slot)
-        if seq is not None and completion is None and error is None:
-            completion = seq.completion()
-        if completion is not None:
-            self.finished += 1
-        handle._finish(completion, error)
+        while not work():
+            if not self._cond.wait(_IDLE_EXIT_S) and not work():
+                return False
+        return not (self._closed and not self._running and not in_flight and self.closed_reason is None)
 
-    def _drop_cancelled_running(self, everything: bool = False) -> None:
-        for slot, (handle, seq) in list(self._running.items()):
-            if seq is not None and (handle.cancelled or everything):
-                seq.cancel()
-                self._release(slot)
+    def _admit(self) -> list[Sequence]:
+        """(holding the lock) Ready sequences into free slots, in order."""
+        out = []
+        for seq, slot in admissions(self._ready, free_slots(self._running, self.slots)):
+            self._ready.popleft()
+            self._holding -= 1  # its pixels are about to be consumed
+            seq.slot, seq.status = slot, Status.PREFILLING
+            self._running[slot] = seq
+            out.append(seq)
+        if out:
+            self._cond.notify_all()  # preprocessing workers waiting for the pixel budget
+        return out
 
-    def _drop_cancelled_waiting(self) -> None:
+    def _drop_cancelled_ready(self) -> None:
         """(holding the lock) Cancelled requests still in the ready queue end now, never taking a slot.
         Those still preprocessing see ``handle.cancelled`` on their worker."""
         keep = deque()
-        for handle, req in self._ready:
-            if handle.cancelled:
-                self._waiting -= 1
-                self._prepared_gate.release()
-                handle._finish(self.engine._cancelled_completion(len(req.input_ids)))
+        for seq in self._ready:
+            if seq.handle.cancelled:
+                self._holding -= 1
+                self._end_waiting(seq, Status.CANCELLED)
             else:
-                keep.append((handle, req))
+                keep.append(seq)
         self._ready = keep
+        self._cond.notify_all()
 
-    def _admit(self, slot: int, handle: RequestHandle, req: PreparedRequest) -> None:
-        self._prepared_gate.release()  # the tiles are about to be consumed
+    def _begin(self, seq: Sequence) -> None:
+        log.debug("%s admitted to slot %d", seq.handle.id, seq.slot)
         try:
-            seq = self.engine._begin(req, slot, handle.submitted)
+            self.runner.begin(seq)
+        except OvfastError as e:  # the request's own fault, found on the device side
+            self._end_running(seq, error=e)
+        except Exception as e:
+            self._defect("starting a request", e, [seq])
+
+    def _run_job(self, fn: Callable[[], object], fut: Future) -> None:
+        try:
+            result = fn()
+        except Exception as e:
+            if not isinstance(e, OvfastError):  # a request error is the caller's; anything else a defect
+                self._defect("a device job", e, [])
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
+
+    def _prefill_piece(self) -> None:
+        """One piece (vision or a prefill chunk) of the oldest prefilling sequence."""
+        seq = next_to_prefill(self._running)
+        if seq is None:
+            return
+        try:
+            first = self.runner.advance(seq, self.prefill_chunk)
         except OvfastError as e:
-            self._running.pop(slot)
-            self.engine.runner.retire(slot)
-            handle._finish(error=e)
+            self._end_running(seq, error=e)
             return
         except Exception as e:
-            self._running.pop(slot)
-            self.engine.runner.retire(slot)
-            handle._finish(error=RuntimeError(f"ovfast: starting the request on the device failed: {e!r}"))
-            self.errors.append(traceback.format_exc())
-            self._abort_if_fatal()
+            self._defect("a prefill piece", e, [seq])
             return
-        self._running[slot] = (handle, seq)
-
-    def _run_job(self, job, slot: int) -> None:
-        fn, handle = job
+        if not first:
+            return
+        with self._cond:
+            self._ttft.append((seq.last_token - seq.submitted) * 1e3)
+            self._tokens += 1
+        seq.handle._push(seq.text.pending())
+        if seq.done_generating:
+            self._end_running(seq)
+            return
         try:
-            result = fn(slot)
-        except OvfastError as e:
-            handle._finish(error=e)
-        except BaseException as e:
-            handle._finish(error=e)
-            self.errors.append(traceback.format_exc())
-            self._abort_if_fatal()
-        else:
-            handle._finish(result)
-        finally:
-            self.engine.runner.retire(slot)
-
-    def _prefill_one_chunk(self) -> None:
-        """One chunk of the oldest prefilling sequence: running streams wait one chunk, not a prompt."""
-        pending = [(seq.submitted, slot) for slot, (_, seq) in self._running.items() if seq and seq.prefilling]
-        if not pending:
+            self.runner.start_decoding(seq)
+        except Exception as e:
+            self._defect("starting to decode", e, [seq])
             return
-        slot = min(pending)[1]
-        handle, seq = self._running[slot]
-        self.engine._prefill_chunk(seq, self.prefill_chunk)
-        if seq.prefilling:
-            return
-        self._ttft.append((seq.last_token - seq.submitted) * 1e3)
-        self.tokens_generated += 1
-        handle._push(seq.text.pending())
-        if seq.finish_reason:
-            self._release(slot)
-        else:
-            self.engine.runner.admit(slot, seq.tokens[-1], seq.length)
+        seq.status = Status.DECODING
 
-    def _decoding(self) -> dict[int, Sequence]:
-        return {slot: seq for slot, (_, seq) in self._running.items()
-                if seq is not None and not seq.prefilling and not seq.finish_reason}
-
-    def _queue_step(self):
-        """Launch one decode step for the decoding slots; returns what ``_collect`` needs to read it."""
-        active = self._decoding()
+    def _launch(self):
+        active = decoding(self._running)
         if not active:
             return None
-        general = not all(seq.request.params.plain_greedy for seq in active.values())
-        return self.engine._queue_step(active, general)
+        try:
+            return self.runner.launch(active)
+        except Exception as e:
+            self._defect("a decode step", e, list(active.values()))
+            return None
 
-    def _collect(self, host, event, stepped: dict[int, Sequence], general: bool, logprob_host) -> None:
-        for seq in self.engine._collect(host, event, stepped, general, logprob_host):
-            slot = seq.slot
-            entry = self._running.get(slot)
-            if entry is None or entry[1] is not seq:
-                continue
-            handle = entry[0]
-            self.tokens_generated += 1
-            self._itl.append((seq.last_token - seq.previous_token) * 1e3)
-            handle._push(seq.text.pending())
-            if seq.finish_reason:
-                self._release(slot)
+    def _collect(self, pending) -> None:
+        try:
+            stepped = self.runner.collect(pending)
+        except Exception as e:
+            self._defect("a decode step", e, [s for s in pending.stepped.values() if s.status is Status.DECODING])
+            return
+        with self._cond:
+            self._tokens += len(stepped)
+            self._itl.extend((seq.last_token - seq.previous_token) * 1e3 for seq in stepped)
+        for seq in stepped:
+            seq.handle._push(seq.text.pending())
+            if seq.done_generating:
+                self._end_running(seq)
 
-    def _fail_all(self, error: BaseException) -> None:
-        for slot in list(self._running):
-            self._release(slot, error=error)
+    def _end_running(self, seq: Sequence, error: BaseException | None = None) -> None:
+        """``seq`` leaves its slot: finished, cancelled, or failed with ``error``; its row stops."""
+        with self._cond:
+            if self._running.get(seq.slot) is not seq:
+                return
+            del self._running[seq.slot]
+            if error is None:
+                self._finished += 1
+            self._cond.notify_all()
+        try:
+            self.runner.retire(seq.slot)
+        finally:
+            seq.embeds, seq.vision = None, None
+            if error is not None:
+                seq.status = Status.FAILED
+            else:
+                seq.status = Status.CANCELLED if seq.finish_reason == "cancelled" else Status.FINISHED
+            log.debug("%s %s", seq.handle.id, seq.status.value)
+            if error is not None:
+                seq.handle._finish(error=error)
+            else:
+                seq.handle._finish(seq.completion())
 
-
-class _Cancelled(Exception):
-    pass
+    def _defect(self, where: str, error: Exception, touched: list[Sequence]) -> None:
+        """An unexpected failure (not a request's fault): logged, kept for ``info()``, and the
+        requests it touched fail; under tensor parallelism, when the ranks can no longer agree,
+        the engine aborts and everything fails."""
+        log.error("defect in %s (requests %s)", where, [s.handle.id for s in touched], exc_info=error)
+        with self._cond:
+            self._defects.append({"time": time.time(), "where": where, "error": f"{type(error).__name__}: {error}",
+                                  "requests": [s.handle.id for s in touched]})
+        reason = self.runner.fatal()
+        if reason is not None:
+            self.abort(reason)
+            return
+        failure = RuntimeError(f"ovfast: {where} failed on the device: {error!r}")
+        failure.__cause__ = error
+        for seq in touched:
+            self._end_running(seq, error=failure)
 
 
 @atexit.register

@@ -1,8 +1,8 @@
 """Tensor parallelism in the engine: rank 0 is the ``Engine``; ranks 1..N-1 are workers.
 
 Rank 0 runs everything a request needs (preprocessing, the scheduler, vision, sampling) and its
-share of the decoder. Each decoder call it makes (embedding, a prefill chunk, logits, a decode
-step, a graph capture) is first announced to the workers over the control channel, with the
+share of the decoder. Each decoder call its model runner makes (embedding, a prefill chunk,
+logits, a decode step, a graph capture) is first announced to the workers over the control channel, with the
 call's input tensors broadcast, so every rank then runs the same call on its shard and meets the
 others in the same collectives. Workers hold no vision tower, no tokenizer state and no
 requests: only their decoder shard and KV-cache shard.
@@ -77,11 +77,12 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
 
-def from_torchrun() -> tuple[int, int] | None:
-    """(rank, world size) when this process was started by torchrun (or another launcher setting
-    RANK / WORLD_SIZE / MASTER_ADDR), else None."""
+def from_torchrun() -> tuple[int, int, int] | None:
+    """(rank, world size, local rank) when this process was started by torchrun (or another
+    launcher setting RANK / WORLD_SIZE / MASTER_ADDR), else None."""
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+        rank = int(os.environ["RANK"])
+        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
     return None
 
 
@@ -254,9 +255,10 @@ def serve(tp: TensorParallel, spec: WorkerSpec, device: torch.device) -> int:
                 return 0
             if op == "embed":
                 lm.embed(tp.broadcast(torch.empty(meta["n"], dtype=torch.long, device=device)))
-            elif op == "forward":
+            elif op == "forward":  # into the engine's cache, or a job's scratch cache of the size named
                 h = tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device))
-                lm(h, ForwardBatch.prefill(meta["slot"], meta["shape"][0], device, start=meta["start"]), cache.k, cache.v)
+                into = cache.sized(*meta["scratch"]) if meta["scratch"] else cache
+                lm(h, ForwardBatch.prefill(meta["slot"], meta["shape"][0], device, start=meta["start"]), into.k, into.v)
             elif op == "logits":
                 lm.logits(tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device)))
             elif op == "decode":
@@ -307,30 +309,6 @@ def _leave() -> None:
             dist.destroy_process_group()
         except Exception:  # pragma: no cover - a broken group may not tear down cleanly
             pass
-
-
-class MirroredLM:
-    """Rank 0's decoder under tensor parallelism: the calls of ``Qwen2ForCausalLM`` the engine
-    makes, each announced to the workers with its inputs, then run on rank 0's shard."""
-
-    def __init__(self, lm: Qwen2ForCausalLM, tp: TensorParallel):
-        self.inner, self.tp = lm, tp
-        self.cfg = lm.cfg
-
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        self.tp.send(("embed", {"n": ids.shape[0]}))
-        return self.inner.embed(self.tp.broadcast(ids.contiguous()))
-
-    def __call__(self, h: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
-        if not batch.is_prefill or batch.cu_seqlens.shape[0] != 2:
-            raise ValueError("mirrored forward passes are one sequence's prefill (decode steps go through the runner)")
-        self.tp.send(("forward", {"shape": tuple(h.shape), "dtype": _name(h.dtype), "slot": batch.slot,
-                                  "start": batch.context}))
-        return self.inner(self.tp.broadcast(h.contiguous()), batch, k_cache, v_cache)
-
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        self.tp.send(("logits", {"shape": tuple(h.shape), "dtype": _name(h.dtype)}))
-        return self.inner.logits(self.tp.broadcast(h.contiguous()))
 
 
 class Workers:
@@ -394,6 +372,3 @@ class Workers:
                     p.wait()
         _leave()
 
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,85 @@
+"""``EngineConfig``: the one list of engine options.
+
+``ovfast.load(model, **options)`` takes exactly these fields (plus ``weights=``), the server and
+the CLI build them from their flags, and nothing else holds a default of its own. Environment
+variables (``ovfast.settings.environment``) only fill the fields left at ``None``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import ConfigError
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+_POSITIVE = ("max_batch_size", "max_images", "max_video_frames", "vision_chunk", "max_queue", "prefill_chunk",
+             "preprocess_workers", "tensor_parallel_size")
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    device: str | int | torch.device | None = None  # None: CUDA when a GPU is visible, else the CPU
+    dtype: str | torch.dtype | None = None  # None: bfloat16 on a GPU, float32 on the CPU
+    semantics: str | None = None  # "original" or "transformers"; None: the checkpoint family's own
+    max_batch_size: int = 4  # KV-cache slots: requests decoded together
+    max_seq_len: int | None = None  # per slot; None: min(16384, the model's max positions)
+    max_images: int = 16  # images in one request
+    max_video_frames: int = 64  # video frames in one request (all videos)
+    vision_chunk: int = 16  # tiles through the vision tower per loop turn (one piece of a request's vision)
+    max_queue: int = 256  # requests accepted but not yet running; beyond: EngineOverloadedError
+    prefill_chunk: int = 1024  # prompt tokens per loop turn, interleaved with decode steps
+    preprocess_workers: int = 2  # threads decoding and tiling media
+    max_prepared: int | None = None  # preprocessed requests holding pixels before admission; None: 2 x slots
+    tensor_parallel_size: int = 1  # ranks the decoder is cut across (one GPU each, or CPU processes)
+    cuda_graphs: bool | None = None  # capture the decode steps as CUDA graphs; None: OVFAST_CUDA_GRAPHS (on)
+
+    @classmethod
+    def fields(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_options(cls, options: dict) -> "EngineConfig":
+        """A checked config from keyword options; ConfigError naming any unknown one."""
+        unknown = sorted(set(options) - set(cls.fields()))
+        if unknown:
+            raise ConfigError(f"unknown engine option(s) {unknown}; known: {list(cls.fields())}")
+        config = cls(**options)
+        config.check()
+        return config
+
+    def check(self) -> None:
+        for name in _POSITIVE:
+            _positive(name, getattr(self, name))
+        for name in ("max_seq_len", "max_prepared"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
+            raise ConfigError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
+
+    @property
+    def prepared_limit(self) -> int:
+        return self.max_prepared or 2 * self.max_batch_size
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def resolve_dtype(dtype, device: torch.device) -> torch.dtype:
+    if dtype is None:
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ConfigError(f"dtype {dtype} is not supported; use float32, bfloat16 or float16")
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPES:
+        return _DTYPES[dtype.lower()]
+    raise ConfigError(f"unknown dtype {dtype!r}; use 'float32', 'bfloat16' or 'float16'")

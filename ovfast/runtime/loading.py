@@ -1,0 +1,122 @@
+"""Loading: the tensor-parallel bootstrap, the model on the device with its weights, and the eos ids.
+
+What ``Engine.__init__`` needs before it can serve, kept out of the facade: each function either
+returns what it built or raises with nothing left running (workers killed, the group left).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from ..checkpoint.config import ModelConfig
+from ..checkpoint.files import Checkpoint
+from ..checkpoint.tokenizer import Tokenizer
+from ..checkpoint.weights import checkpoint_tensors, feature_path_skips, load_weights, mapping_tensors
+from ..distributed import TensorParallel, plan_shards
+from ..distributed.plan import check_parallel_size
+from ..errors import ConfigError
+from ..models.llava_onevision import LlavaOnevision
+from . import tensor_parallel
+
+
+@dataclass
+class Parallel:
+    """This engine's place in a tensor-parallel group (``tp`` None: one rank, no workers)."""
+
+    tp: TensorParallel | None = None
+    workers: tensor_parallel.Workers | None = None
+    device: torch.device | None = None  # under torchrun, rank r's own GPU
+
+
+def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig, device: torch.device,
+                          dtype: torch.dtype, semantics: str | None, has_weights: bool, slots: int, cache_len: int,
+                          scratch: int, on_death: Callable[[str], None]) -> Parallel:
+    """The group for ``size`` > 1 (every check runs before a process starts), else ``Parallel()``.
+
+    Started by torchrun (RANK / WORLD_SIZE set), this process is one of the ranks: rank 0 goes on
+    as the engine; a rank > 0 serves rank 0 and exits (SystemExit) when it closes.
+    """
+    if size == 1:
+        return Parallel(device=device)
+    check_parallel_size(model_config.text, size)
+    if has_weights:
+        raise ConfigError("weights= cannot be combined with tensor_parallel_size > 1: each rank reads its "
+                          "shard from the checkpoint's safetensors files")
+    launched = tensor_parallel.from_torchrun()
+    if launched is not None:
+        rank, world, local_rank = launched
+        if world != size:
+            raise ConfigError(f"tensor_parallel_size {size} but torchrun started {world} processes")
+        if device.type == "cuda":
+            device = torch.device("cuda", local_rank)
+            torch.cuda.set_device(device)
+    tensor_parallel.check_devices(1 if launched else size, device)
+    tensor_parallel.check_free(size)
+    spec = tensor_parallel.WorkerSpec(
+        checkpoint=str(ckpt.path), semantics=semantics, dtype=str(dtype).removeprefix("torch."),
+        device_type=device.type, first_gpu=device.index or 0, slots=slots, cache_len=cache_len, scratch=scratch)
+    if launched is not None:
+        tp = tensor_parallel.join(launched[0], size, device)
+        if tp.rank > 0:
+            raise SystemExit(tensor_parallel.serve(tp, spec, device))  # returns when rank 0 closes
+        return Parallel(tp, tensor_parallel.Workers(tp, None, on_death), device)
+    launch = tensor_parallel.Launch(size, spec)
+    try:
+        launch.wait_joined()
+        tp = tensor_parallel.join(0, size, device, launch.store)
+    except BaseException:
+        launch.kill()
+        raise
+    return Parallel(tp, tensor_parallel.Workers(tp, launch, on_death), device)
+
+
+@dataclass
+class Built:
+    model: LlavaOnevision
+    skipped_tensors: list[str]
+    rank_reports: list[dict]  # per rank: weight bytes (and, for workers, KV-cache bytes)
+    load_ms: float
+
+
+def build_model(ckpt: Checkpoint, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, parallel: Parallel,
+                weights: Mapping[str, torch.Tensor] | None) -> Built:
+    """The model on ``device`` with its weights (rank 0's decoder share under tensor parallelism),
+    once every worker reports its shard loaded. On failure the workers are stopped."""
+    t0 = time.perf_counter()
+    tp, workers = parallel.tp, parallel.workers
+    plan = plan_shards(cfg.text, tp.rank, tp.size) if tp else None
+    try:
+        with torch.device("meta"):
+            model = LlavaOnevision(cfg, plan, tp)
+        model = model.to(dtype).to_empty(device=device)
+        model.language_model.tie_and_zero_padding()  # to_empty re-creates parameters
+        tensors = mapping_tensors(weights) if weights is not None else checkpoint_tensors(ckpt, device)
+        skipped = load_weights(model.weight_destinations(), tensors, lambda name: feature_path_skips(name, cfg))
+        mine = {"error": None, "weight_bytes": tensor_parallel.parameter_bytes(model)}
+        reports = tensor_parallel.ready(tp, mine, workers.launch) if tp else [mine]
+    except BaseException:
+        if workers is not None:
+            workers.abort()
+            workers.stop()
+        raise
+    return Built(model.eval().requires_grad_(False), list(skipped), reports, (time.perf_counter() - t0) * 1e3)
+
+
+def eos_ids(ckpt: Checkpoint, tokenizer: Tokenizer, model_config: ModelConfig) -> frozenset[int]:
+    """The ids that end an answer: generation_config's, else the tokenizer's eos, else config's; with
+    the original semantics also <|im_end|> (the qwen_1_5 conversation's turn separator)."""
+    eos = ckpt.generation_config.get("eos_token_id")
+    if eos is None:
+        eos_token = tokenizer.special_tokens_map.get("eos_token")
+        eos = tokenizer.token_id(eos_token) if eos_token else None
+    if eos is None:
+        eos = ckpt.config.get("text_config", ckpt.config).get("eos_token_id")
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    im_end = tokenizer.token_id("<|im_end|>")
+    if model_config.semantics == "original" and im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return frozenset(ids)
+
