@@ -20,7 +20,6 @@ engine calls at load; elsewhere, and with ``OVFAST_CUDA_GRAPHS=0``, the same ste
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -28,6 +27,7 @@ import torch
 from ..distributed import TensorParallel
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
 from ..ops.backends import kernel_for
+from ..settings import environment
 from . import sampling
 from .kv_cache import KVCache
 from .request import SamplingParams
@@ -94,7 +94,7 @@ class DecodeRunner:
         self.capture_ms = 0.0
         self.use_graphs = (
             device.type == "cuda"
-            and os.environ.get("OVFAST_CUDA_GRAPHS", "1") != "0"
+            and environment.cuda_graphs()
             and _decode_attention_is_a_kernel(device, cache.k.dtype, cache.k.shape[-1])
         )
         self._pool = None
