@@ -26,7 +26,7 @@ ext = Pybind11Extension(
 setup(
     packages=[
         "ovfast", "ovfast.checkpoint", "ovfast.distributed", "ovfast.inputs", "ovfast.integrations", "ovfast.kernels", "ovfast.models",
-        "ovfast.ops", "ovfast.runtime", "ovfast.server", "ovfast.testing", "ovfast.tools",
+        "ovfast.ops", "ovfast.runtime", "ovfast.server", "ovfast.settings", "ovfast.testing", "ovfast.tools",
     ],
     package_dir={"ovfast": "ovfast", "ovfast.kernels": "kernels"},
     package_data={"ovfast": ["py.typed"]},

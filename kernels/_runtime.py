@@ -13,13 +13,14 @@
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from ovfast.settings import environment
+
+INTERPRET = environment.triton_interpret()
 BF16_FIX = INTERPRET
 
 

@@ -30,6 +30,7 @@ import torch
 
 from ovfast import ops
 from ovfast.ops.backends import Switch
+from ovfast.settings import environment
 
 from ._runtime import INTERPRET
 from .decode_attention import attention_decode as _triton_decode
@@ -37,8 +38,8 @@ from .prefill_attention import attention_prefill as _triton_prefill
 
 log = logging.getLogger(__name__)
 
-MODES = ("auto", "flash_attn", "triton", "torch")
-ATTENTION = Switch("OVFAST_ATTENTION", MODES)
+MODES = environment.ATTENTION_MODES
+ATTENTION = Switch("OVFAST_ATTENTION", MODES, environment.attention())
 
 
 def set_attention_mode(mode: str) -> None:

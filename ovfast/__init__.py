@@ -29,7 +29,6 @@ from .inputs.media import Video, set_max_image_pixels
 from .inputs.preprocess import preprocess
 from .runtime.engine import Engine, EngineConfig, RequestHandle, load
 from .runtime.generation import Completion, Timings, TokenLogprob
-from .testing.random_checkpoint import build_checkpoint
 
 __version__ = "0.1.0"
 
@@ -40,3 +39,17 @@ __all__ = [
     "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",
     "preprocess", "set_max_image_pixels",
 ]
+
+
+def __getattr__(name: str):
+    # build_checkpoint (random-weight test checkpoints) comes from ovfast.testing, imported on first use
+    # only: `import ovfast` loads no test support code.
+    if name == "build_checkpoint":
+        from .testing.random_checkpoint import build_checkpoint
+
+        return build_checkpoint
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

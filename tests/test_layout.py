@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Stage of each top-level room; a module may import its own stage or lower ones.
 STAGES = {
     "errors": 0, "_C": 0, "terminal": 0,  # terminal: progress bars and argparse helpers, no ovfast imports
+    "settings": 0,  # environment variables, read in one place; imports only errors
     "checkpoint": 1,
     "ops": 2, "kernels": 2,  # ops dispatches to the kernels lazily; the kernels call ops' references
     "distributed": 2,  # the tensor-parallel plan and collectives the sharded decoder calls

@@ -54,8 +54,8 @@ def small(checkpoint_dirs):
 def test_chunked_prefill_gives_identical_greedy_tokens(checkpoint_dirs, solo, monkeypatch):
     with ovfast.load(checkpoint_dirs["tiny"], dtype="float32", max_seq_len=12288, prefill_chunk=7) as chunked:
         chunks = []
-        real = chunked._prefill_chunk
-        monkeypatch.setattr(chunked, "_prefill_chunk", lambda seq, budget: (chunks.append(budget), real(seq, budget)))
+        real = chunked.runner._prefill_chunk
+        monkeypatch.setattr(chunked.runner, "_prefill_chunk", lambda seq, budget: chunks.append(budget) or real(seq, budget))
         got = [chunked.complete(im, p, max_new_tokens=n).token_ids for im, p, n in REQUESTS]
         assert got == solo
         assert len(chunks) > 4 * len(REQUESTS) and set(chunks) == {7}  # every prompt went in several chunks

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from ..checkpoint.config import ModelConfig
+from ..settings import environment
 from . import anyres
 from .media import Pixels
 from .processing import ProcessingConfig, VisualItem, anyres_geometry, square_offsets
@@ -30,16 +31,14 @@ except ImportError as e:  # built without a compiler: the pure-Python path takes
     _C, _import_error = None, e
 
 _ALPHA = {"pil": 0, "numpy": 1}
-_off = os.environ.get("OVFAST_NATIVE", "1") == "0"
+_off = not environment.native()
 _warned = False
 
 
 def _default_threads() -> int:
-    env = os.environ.get("OVFAST_PREPROCESS_THREADS")
-    if env:
-        if not env.isdigit() or int(env) < 1:
-            raise ValueError(f"OVFAST_PREPROCESS_THREADS={env!r}: expected a positive integer")
-        return int(env)
+    threads = environment.preprocess_threads()
+    if threads is not None:
+        return threads
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

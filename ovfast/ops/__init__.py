@@ -1,8 +1,9 @@
 """The hot operations behind one name each: plain-torch references (``torch_ops``) and the switch
 that routes them to ``ovfast.kernels`` (``backends``).
 
-May import: torch, ``ovfast.errors``. ``backends`` imports ``ovfast.kernels`` lazily, at the first
-dispatch, and the kernels import this package back for their references, never at import time.
+May import: torch, ``ovfast.errors``, ``ovfast.settings``. ``backends`` imports ``ovfast.kernels``
+lazily, at the first dispatch, and the kernels import this package back for their references,
+never at import time.
 """
 from __future__ import annotations
 

@@ -18,19 +18,20 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
 
+from ..settings import environment
+
 
 class Switch:
-    """A mode read from an environment variable at import, changeable at run time (and per block)."""
+    """A mode whose start-up value comes from an environment variable (``value``: read through
+    ``ovfast.settings.environment``, named ``env``), changeable at run time (and per block)."""
 
-    def __init__(self, env: str, modes: tuple[str, ...]):
+    def __init__(self, env: str, modes: tuple[str, ...], value: str):
         self.env, self.modes = env, modes
-        value = os.environ.get(env, modes[0]).lower()
         if value not in modes:
             raise ValueError(f"{env}={value!r}; use one of {modes}")
         self.value = value
@@ -50,8 +51,8 @@ class Switch:
             self.value = previous
 
 
-MODES = ("auto", "triton", "torch")
-KERNELS = Switch("OVFAST_KERNELS", MODES)
+MODES = environment.KERNEL_MODES
+KERNELS = Switch("OVFAST_KERNELS", MODES, environment.kernels())
 
 
 @functools.cache

@@ -21,7 +21,6 @@ same step runs eagerly.
 """
 from __future__ import annotations
 
-import os
 import time
 
 import torch
@@ -29,6 +28,7 @@ import torch
 from ..distributed import TensorParallel
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
 from ..ops.backends import kernel_for
+from ..settings import environment
 from . import sampling
 from .kv_cache import KVCache
 from .request import SamplingParams
@@ -96,7 +96,7 @@ class DecodeRunner:
         self.capture_ms = 0.0
         self.use_graphs = (
             device.type == "cuda"
-            and (graphs if graphs is not None else os.environ.get("OVFAST_CUDA_GRAPHS", "1") != "0")
+            and (graphs if graphs is not None else environment.cuda_graphs())
             and _decode_attention_is_a_kernel(device, cache.k.dtype, cache.k.shape[-1])
         )
         self._pool = None

@@ -6,11 +6,10 @@ says what is wrong and what to do.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 
 from ..errors import ConfigError
+from ..settings import environment
 
 _TYPES = ("cpu", "cuda")
 
@@ -35,7 +34,7 @@ def resolve_device(device: str | int | torch.device | None = None) -> torch.devi
                           "no GPUs; install a CUDA build of torch, or run on the CPU (device 'cpu')")
     count = torch.cuda.device_count()
     if count == 0:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        visible = environment.cuda_visible_devices()
         hint = f" (CUDA_VISIBLE_DEVICES={visible!r})" if visible is not None else " (is the NVIDIA driver loaded?)"
         raise ConfigError(f"device {str(device)!r}: torch sees no GPUs{hint}; run on the CPU with device 'cpu'")
     if dev.index is None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import datetime
+import functools
 import json
 import os
 import socket
@@ -45,11 +46,12 @@ from ..checkpoint.weights import checkpoint_tensors, feature_path_skips, load_we
 from ..distributed import TensorParallel, plan_shards
 from ..errors import ConfigError, ModelLoadError
 from ..models.qwen2 import ForwardBatch, Qwen2ForCausalLM
+from ..settings import environment
 from .decode import DecodeRunner
 from .kv_cache import KVCache
 
-_TIMEOUT_S = float(os.environ.get("OVFAST_TP_TIMEOUT_S", "600"))  # a data collective waiting longer is a failure
-_JOIN_TIMEOUT_S = float(os.environ.get("OVFAST_TP_JOIN_TIMEOUT_S", "300"))  # workers' start and rendezvous
+# OVFAST_TP_TIMEOUT_S: a data collective waiting longer is a failure; OVFAST_TP_JOIN_TIMEOUT_S: the
+# workers' start and rendezvous. Both are read (ovfast.settings.environment) as each rank joins.
 _IDLE = datetime.timedelta(days=365)  # control group: a worker waits for the next command as long as rank 0 idles
 
 # A worker is a fresh interpreter: `python -c _WORKER SPEC STORE RANK SIZE`.
@@ -80,10 +82,7 @@ class WorkerSpec:
 def from_torchrun() -> tuple[int, int, int] | None:
     """(rank, world size, local rank) when this process was started by torchrun (or another
     launcher setting RANK / WORLD_SIZE / MASTER_ADDR), else None."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ:
-        rank = int(os.environ["RANK"])
-        return rank, int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", rank))
-    return None
+    return environment.torchrun_rank()
 
 
 def check_devices(size: int, device: torch.device) -> None:
@@ -104,38 +103,83 @@ def check_free(size: int) -> None:
                           f"(this one asked for tensor_parallel_size {size})")
 
 
+def loopback() -> str | None:
+    """The loopback interface's name ("lo" on Linux), or None (every Unix has one)."""
+    return next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
+
+
 def loopback_env() -> dict[str, str]:
     """Socket settings that keep one machine's ranks on the loopback interface (gloo and NCCL would
-    otherwise use the address the host name resolves to); the caller's own settings win."""
-    lo = next((name for _, name in socket.if_nameindex() if name.startswith("lo")), None)
-    if lo is None:  # pragma: no cover - every Unix has one
-        return {}
-    return {var: os.environ.get(var, lo) for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME")}
+    otherwise use the address the host name resolves to), for a child's environment: defaults under
+    the caller's own settings."""
+    lo = loopback()
+    return {} if lo is None else {"GLOO_SOCKET_IFNAME": lo, "NCCL_SOCKET_IFNAME": lo}
+
+
+# gloo with its devices given. torch's own "gloo" ignores pg_options and makes its device from
+# GLOO_SOCKET_IFNAME as the group is created, so choosing the interface there meant setting the
+# environment around init_process_group while other threads run. Under this name the groups are
+# plain ProcessGroupGloo's, made with the devices _gloo_options built.
+_GLOO = "ovfast_gloo"
+
+
+@functools.cache
+def _register_gloo() -> None:
+    def make(opts, options):  # torch's extended backend API: (DistributedBackendOptions, pg_options)
+        if options is None:  # a group made without pg_options (new_group() in user code): torch's defaults
+            return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, opts.timeout)
+        mine = dist.ProcessGroupGloo._Options()
+        mine._devices, mine._threads, mine._timeout = options._devices, options._threads, opts.timeout
+        mine.global_ranks_in_group, mine.group_name = opts.global_ranks_in_group, opts.group_id
+        return dist.ProcessGroupGloo(opts.store, opts.group_rank, opts.group_size, mine)
+
+    dist.Backend.register_backend(_GLOO, make, extended_api=True, devices=["cpu"])
+
+
+def _gloo_options(on_loopback: bool) -> dist.ProcessGroupGloo._Options:
+    """The devices of this process's gloo groups, made now: on the interfaces GLOO_SOCKET_IFNAME
+    names (the user's setting wins), else on loopback for ranks ovfast started, else gloo's default
+    (the address the host name resolves to). A bad interface fails here, before any group is made
+    and numbered: a numbered failure would give this process's later groups other names than a
+    fresh worker's, and their rendezvous would hang."""
+    names = environment.gloo_socket_ifname()
+    lo = loopback() if on_loopback and names is None else None
+    try:
+        if names is not None:
+            devices = [dist.ProcessGroupGloo.create_device(interface=name) for name in names]
+        elif lo is not None:
+            devices = [dist.ProcessGroupGloo.create_device(interface=lo)]
+        else:
+            devices = [dist.ProcessGroupGloo.create_default_device()]
+    except RuntimeError as e:
+        where = f"GLOO_SOCKET_IFNAME={','.join(names)!r}" if names is not None else f"loopback interface {lo!r}"
+        raise ConfigError(f"gloo cannot use {where}: {str(e).splitlines()[0]}") from None
+    options = dist.ProcessGroupGloo._Options()
+    options._devices = devices
+    options._threads = 2 * len(devices)  # as torch's gloo: two per device
+    return options
 
 
 def join(rank: int, size: int, device: torch.device, store: dist.Store | None = None) -> TensorParallel:
     """Join the process group and make the control group: through ``store`` (ranks this machine
     started, kept on loopback), or env:// under torchrun (its settings, for several nodes)."""
     backend = "nccl" if device.type == "cuda" else "gloo"
-    local = loopback_env() if store is not None else {}
-    saved = {var: os.environ.get(var) for var in local}
-    os.environ.update(local)  # read as each group is made; restored below
-    try:
-        if not dist.is_initialized():
-            kw = {"device_id": device} if backend == "nccl" else {}
-            if store is not None:
-                kw["store"] = store
-            else:
-                kw["init_method"] = "env://"
-            dist.init_process_group(backend, rank=rank, world_size=size, timeout=datetime.timedelta(seconds=_TIMEOUT_S),
-                                    **kw)
-        control = dist.new_group(backend="gloo", timeout=_IDLE)
-    finally:
-        for var, value in saved.items():
-            if value is None:
-                os.environ.pop(var, None)
-            else:
-                os.environ[var] = value
+    gloo = _gloo_options(on_loopback=store is not None)  # before any group: a bad interface numbers none
+    _register_gloo()
+    if not dist.is_initialized():
+        kw = {"device_id": device} if backend == "nccl" else {"pg_options": gloo}
+        if store is not None:
+            kw["store"] = store
+        else:
+            kw["init_method"] = "env://"
+        if backend == "nccl" and store is not None and loopback() is not None:
+            # NCCL reads its interface from the environment only, once, when this process makes its
+            # first communicator: the init_process_group below (device_id makes it eager). The one
+            # tolerated write to the environment, a default under the user's own setting.
+            environment.default_nccl_socket_ifname(loopback())
+        dist.init_process_group(_GLOO if backend == "gloo" else backend, rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=environment.tp_timeout_s()), **kw)
+    control = dist.new_group(backend=_GLOO, timeout=_IDLE, pg_options=gloo)
     return TensorParallel(rank=rank, size=size, control=control, backend=backend)
 
 
@@ -147,10 +191,11 @@ class Launch:
         # The store listens on loopback only (by itself it would take every interface).
         self._listener = socket.create_server(("127.0.0.1", 0), backlog=128)
         port = self._listener.getsockname()[1]
+        self.join_timeout_s = environment.tp_join_timeout_s()
         self.store = dist.TCPStore("127.0.0.1", port, size, is_master=True, wait_for_workers=False,
-                                   timeout=datetime.timedelta(seconds=_JOIN_TIMEOUT_S),
+                                   timeout=datetime.timedelta(seconds=self.join_timeout_s),
                                    master_listen_fd=self._listener.fileno())
-        env = {**os.environ, **loopback_env()}
+        env = environment.child_env(defaults=loopback_env())  # a new dict; the caller's settings win
         if spec.device_type == "cpu" and "OMP_NUM_THREADS" not in env:  # share the cores, don't oversubscribe them
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // size))
         self.procs = [
@@ -170,13 +215,13 @@ class Launch:
     def wait_joined(self) -> None:
         """Until every worker has reached the rendezvous; ModelLoadError if one dies or time runs out."""
         keys = [f"joined/{r}" for r in range(1, self.size)]
-        deadline = time.monotonic() + _JOIN_TIMEOUT_S
+        deadline = time.monotonic() + self.join_timeout_s
         while not self.store.check(keys):
             reason = self.dead()
             if reason is not None:
                 raise ModelLoadError(f"{reason} before joining (its error is printed above)")
             if time.monotonic() > deadline:
-                raise ModelLoadError(f"tensor-parallel workers did not start within {_JOIN_TIMEOUT_S:.0f} s "
+                raise ModelLoadError(f"tensor-parallel workers did not start within {self.join_timeout_s:.0f} s "
                                      "(OVFAST_TP_JOIN_TIMEOUT_S)")
             time.sleep(0.02)
 
@@ -196,7 +241,8 @@ def worker_main(argv: list[str]) -> int:
     device = torch.device("cuda", spec.first_gpu + rank) if spec.device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    store = dist.TCPStore(host, int(port), size, is_master=False, timeout=datetime.timedelta(seconds=_JOIN_TIMEOUT_S))
+    store = dist.TCPStore(host, int(port), size, is_master=False,
+                          timeout=datetime.timedelta(seconds=environment.tp_join_timeout_s()))
     store.set(f"joined/{rank}", "1")
     tp = join(rank, size, device, store)
     return serve(tp, spec, device)

@@ -2,5 +2,5 @@
 
 ``media`` (where request media may come from), ``protocol`` (OpenAI bodies to engine calls and
 back), ``metrics`` (Prometheus), ``app`` (the FastAPI endpoints), ``main`` (the command, uvicorn,
-SIGTERM drain). May import the runtime, inputs and errors; nothing below imports it.
+SIGTERM drain). May import the runtime, inputs, settings and errors; nothing below imports it.
 """

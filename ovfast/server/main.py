@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
 
@@ -32,6 +31,7 @@ import uvicorn
 
 from ..runtime.engine import load
 from ..runtime.tensor_parallel import from_torchrun
+from ..settings import environment
 from .app import Server, ServerConfig, create_app, log
 from .media import MediaPolicy
 
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     config = ServerConfig(
         model=args.model, served_model_name=args.served_model_name,
-        api_key=args.api_key or os.environ.get("OVFAST_API_KEY"), max_request_bytes=args.max_request_bytes,
+        api_key=args.api_key or environment.api_key(), max_request_bytes=args.max_request_bytes,
         media=MediaPolicy(tuple(args.allowed_media_domains), args.allowed_local_media_path, args.max_media_bytes,
                           args.media_timeout),
     )

@@ -6,7 +6,6 @@ demo says so next to every answer.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +14,12 @@ from PIL import Image, ImageDraw
 from ..api import DEFAULT_MODEL
 from ..inputs.media import Video
 from ..runtime.engine import Engine, load
+from ..settings import environment
 from ..testing.random_checkpoint import build_checkpoint
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("OVFAST_CACHE", Path.home() / ".cache" / "ovfast"))
+    return environment.cache_dir()
 
 
 def synthetic_image(height: int, width: int, seed: int, mode: str = "RGB") -> Image.Image:
