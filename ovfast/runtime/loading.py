@@ -19,6 +19,7 @@ from ..distributed import TensorParallel, plan_shards
 from ..distributed.plan import check_parallel_size
 from ..errors import ConfigError
 from ..models.llava_onevision import LlavaOnevision
+from ..settings import environment
 from . import tensor_parallel
 
 
@@ -45,7 +46,7 @@ def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig
     if has_weights:
         raise ConfigError("weights= cannot be combined with tensor_parallel_size > 1: each rank reads its "
                           "shard from the checkpoint's safetensors files")
-    launched = tensor_parallel.from_torchrun()
+    launched = environment.torchrun_rank()
     if launched is not None:
         rank, world, local_rank = launched
         if world != size:

@@ -79,12 +79,6 @@ class WorkerSpec:
         return cls(**json.loads(text))
 
 
-def from_torchrun() -> tuple[int, int, int] | None:
-    """(rank, world size, local rank) when this process was started by torchrun (or another
-    launcher setting RANK / WORLD_SIZE / MASTER_ADDR), else None."""
-    return environment.torchrun_rank()
-
-
 def check_devices(size: int, device: torch.device) -> None:
     """ConfigError unless ``size`` ranks from ``device`` fit this machine (one GPU each)."""
     if device.type == "cuda":
@@ -98,7 +92,7 @@ def check_devices(size: int, device: torch.device) -> None:
 
 def check_free(size: int) -> None:
     """One tensor-parallel engine per process: it owns the default process group."""
-    if dist.is_initialized() and from_torchrun() is None:
+    if dist.is_initialized() and environment.torchrun_rank() is None:
         raise ConfigError("a tensor-parallel engine is already running in this process; close() it first "
                           f"(this one asked for tensor_parallel_size {size})")
 

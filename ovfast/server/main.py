@@ -30,7 +30,6 @@ import sys
 import uvicorn
 
 from ..runtime.engine import load
-from ..runtime.tensor_parallel import from_torchrun
 from ..settings import environment
 from .app import Server, ServerConfig, create_app, log
 from .media import MediaPolicy
@@ -77,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_video_frames=args.max_video_frames, prefill_chunk=args.prefill_chunk,
                         preprocess_workers=args.preprocess_workers, semantics=args.semantics,
                         tensor_parallel_size=args.tensor_parallel_size)
-    launched = from_torchrun()
+    launched = environment.torchrun_rank()
     if launched is not None and launched[0] > 0 and args.tensor_parallel_size > 1:
         load(args.model, **load_options)  # this rank serves rank 0's decoder inside load() and exits there
         return 0
