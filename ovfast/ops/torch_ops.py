@@ -6,7 +6,8 @@ built on them match ``LlavaOnevisionForConditionalGeneration``. Each op is ``@di
 kernels enabled (see ``ovfast.ops.backends``) the same-named function of ``ovfast.kernels`` runs
 instead, and ``op.reference`` is the torch body the kernel tests compare against. Tensor layouts
 are the ones the Triton and flash-attn backends use (packed [tokens, heads, head_dim]
-activations, a [slots, max_len, kv_heads, head_dim] KV cache).
+activations, a paged KV cache of [num_blocks, block_size, kv_heads, head_dim] per layer read
+through block tables).
 """
 from __future__ import annotations
 
@@ -162,18 +163,22 @@ def attention_prefill(
 
 @dispatch
 def attention_chunk(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start: int, scale: float | None = None
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor, start: int,
+    scale: float | None = None,
 ) -> torch.Tensor:
     """A prompt chunk of one sequence against everything cached before it and itself (chunked prefill).
 
-    q (T, Hq, d) holds positions start..start+T-1; k_cache and v_cache (S_max, Hkv, d) are the
-    sequence's slot with the chunk's k/v already written. Causal: row i sees positions <= start + i.
+    q (T, Hq, d) holds positions start..start+T-1; k_cache and v_cache (num_blocks, block_size,
+    Hkv, d) are one layer's pages, with the chunk's k/v already written; block_table (>= ceil((start
+    + T) / block_size),) int32 lists the sequence's pages in order. Causal: row i sees positions
+    <= start + i. Only the pages in use are read.
     """
     t, hq, d = q.shape
     total = start + t
-    groups = hq // k_cache.shape[1]
-    k = _expand_kv(k_cache[:total].transpose(0, 1), groups, 0)  # (Hq, total, d)
-    v = _expand_kv(v_cache[:total].transpose(0, 1), groups, 0)
+    k, v = _gather_pages(k_cache, v_cache, block_table[None], total)
+    groups = hq // k.shape[2]
+    k = _expand_kv(k[0].transpose(0, 1), groups, 0)  # (Hq, total, d)
+    v = _expand_kv(v[0].transpose(0, 1), groups, 0)
     mask = torch.arange(total, device=q.device)[None, :] <= start + torch.arange(t, device=q.device)[:, None]
     out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
@@ -181,18 +186,21 @@ def attention_chunk(
 
 @dispatch
 def attention_decode(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, seq_lens: torch.Tensor, scale: float | None = None
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+    seq_lens: torch.Tensor, scale: float | None = None,
 ) -> torch.Tensor:
-    """One new query per sequence against its cached keys and values.
+    """One new query per sequence against its cached keys and values, read through its block table.
 
-    q (B, Hq, d); k_cache and v_cache (B, S_max, Hkv, d) with the new token's k/v already
-    written; seq_lens (B,) int32 counts the valid positions of each row. Returns (B, Hq, d).
+    q (B, Hq, d); k_cache and v_cache (num_blocks, block_size, Hkv, d) are one layer's pages with
+    the new token's k/v already written; block_tables (>= B, max_blocks) int32, row b the pages of
+    sequence b in order (unused entries may point anywhere, e.g. the null block 0); seq_lens (B,)
+    int32 counts the valid positions of each row (0 for an idle row). Returns (B, Hq, d).
     """
     bsz, hq, d = q.shape
-    hkv = k_cache.shape[2]
     s = max(int(seq_lens.max()), 1)  # inactive rows have length 0
-    k = k_cache[:bsz, :s].transpose(1, 2)  # (B, Hkv, S, d)
-    v = v_cache[:bsz, :s].transpose(1, 2)
+    k, v = _gather_pages(k_cache, v_cache, block_tables[:bsz], s)  # (B, S, Hkv, d)
+    hkv = k.shape[2]
+    k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, d)
     # Each kv head answers its whole query group at once: the group becomes the query axis.
     qg = q.view(bsz, hkv, hq // hkv, d)
     mask = None
@@ -201,6 +209,17 @@ def attention_decode(
         mask = mask[:, None, None, :]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask, scale=scale)  # (B, Hkv, g, d)
     return out.reshape(bsz, hq, d)
+
+
+def _gather_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, length: int):
+    """The first ``length`` positions of each table's sequence, (B, length, Hkv, d), gathering only
+    the pages that hold them."""
+    bs = k_cache.shape[1]
+    pages = tables[:, : -(-length // bs)].long()  # (B, n)
+    b, n = pages.shape
+    k = k_cache[pages].reshape(b, n * bs, *k_cache.shape[2:])[:, :length]
+    v = v_cache[pages].reshape(b, n * bs, *v_cache.shape[2:])[:, :length]
+    return k, v
 
 
 # --- sampling -----------------------------------------------------------------------------------
