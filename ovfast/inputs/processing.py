@@ -70,6 +70,7 @@ class VisualItem:
     image_size: tuple[int, int] | None = None  # (h, w) of an anyres image
     rgb: list[np.ndarray] | None = None  # device tiling: the (H, W, 3) uint8 image, or a video's frames
     layout: dict | None = None  # an anyres image's ``anyres.anyres_layout``: the model packs its features by it
+    key: bytes = b""  # identity of its content and of everything that shapes its tokens (``media_key``)
 
 
 def resize(rgb: np.ndarray, height: int, width: int, resample: int) -> np.ndarray:

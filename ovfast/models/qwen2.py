@@ -19,46 +19,61 @@ from ..distributed import ShardPlan, TensorParallel, plan_shards
 
 @dataclass
 class ForwardBatch:
-    """Where each row of a forward pass lives in the KV cache, and how it attends.
+    """Where each row of a forward pass lives in the paged KV cache, and how it attends.
 
-    Prefill: rows are whole prompts packed back to back (``cu_seqlens``), attending causally to
-    their own prompt. Decode: row b is one new token of the sequence in cache slot b, attending
-    to that slot's first ``seq_lens[b]`` positions.
+    ``slot_mapping`` holds each row's flat cache index (page * block_size + offset), where its
+    K/V are written. Prefill: rows are one sequence's positions ``context``.. (a chunk), attending
+    causally to the sequence's cached pages (``block_table``) and themselves. Decode: row b is
+    one new token of sequence b, attending to its first ``seq_lens[b]`` positions through row b
+    of ``block_tables``.
     """
 
     positions: torch.Tensor  # (T,) int64: position of each row in its sequence
-    slots: torch.Tensor  # (T,) int64: cache slot of each row
-    cu_seqlens: torch.Tensor | None = None  # prefill: (B+1,) int32 sequence bounds
+    slot_mapping: torch.Tensor  # (T,) int64: flat cache index of each row's K/V
+    cu_seqlens: torch.Tensor | None = None  # prefill: (2,) int32 bounds of the chunk
     max_seqlen: int = 0
-    seq_lens: torch.Tensor | None = None  # decode: (B,) int32 valid positions per slot, this token included
-    context: int = 0  # chunked prefill of one sequence: its positions already cached before these rows
-    slot: int = 0  # ... and its slot
+    context: int = 0  # prefill: positions of the sequence already cached before these rows
+    block_table: torch.Tensor | None = None  # prefill: (max_blocks,) int32 pages of the sequence
+    block_tables: torch.Tensor | None = None  # decode: (B, max_blocks) int32 pages of each row
+    seq_lens: torch.Tensor | None = None  # decode: (B,) int32 valid positions per row, this token included
 
     @property
     def is_prefill(self) -> bool:
         return self.cu_seqlens is not None
 
     @classmethod
-    def prefill(cls, slot: int, length: int, device, start: int = 0) -> "ForwardBatch":
-        """Prompt positions start..start+length-1 of the sequence in ``slot`` (start > 0: a later chunk)."""
+    def prefill(cls, block_table: torch.Tensor, block_size: int, length: int, start: int = 0) -> "ForwardBatch":
+        """Positions start..start+length-1 of the sequence whose pages are ``block_table`` (a device
+        int32 tensor); start > 0: a later chunk, or a prompt whose prefix came from the cache."""
+        device = block_table.device
         positions = torch.arange(start, start + length, device=device)
         return cls(
             positions=positions,
-            slots=torch.full((length,), slot, dtype=torch.int64, device=device),
+            slot_mapping=flat_slots(block_table[None].expand(length, -1), positions, block_size),
             cu_seqlens=torch.tensor([0, length], dtype=torch.int32, device=device),
             max_seqlen=length,
             context=start,
-            slot=slot,
+            block_table=block_table,
         )
 
     @classmethod
-    def decode(cls, positions: torch.Tensor) -> "ForwardBatch":
-        """One token for each of slots 0..B-1 at the given positions."""
+    def decode(cls, positions: torch.Tensor, block_tables: torch.Tensor, block_size: int,
+               seq_lens: torch.Tensor | None = None) -> "ForwardBatch":
+        """One token for each of rows 0..B-1 at ``positions`` (by default every row active)."""
+        b = positions.shape[0]
         return cls(
             positions=positions,
-            slots=torch.arange(positions.shape[0], device=positions.device),
-            seq_lens=(positions + 1).to(torch.int32),
+            slot_mapping=flat_slots(block_tables[:b], positions, block_size),
+            block_tables=block_tables,
+            seq_lens=(positions + 1).to(torch.int32) if seq_lens is None else seq_lens,
         )
+
+
+def flat_slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """Flat cache index of each row's position: tables (T, max_blocks) row t the pages of row t's
+    sequence. On the device, no host reads: it runs inside a captured decode step."""
+    pages = tables.gather(1, (positions // block_size)[:, None]).squeeze(1).long()
+    return pages * block_size + positions % block_size
 
 
 class Qwen2DecoderLayer(nn.Module):
@@ -96,15 +111,15 @@ class Qwen2DecoderLayer(nn.Module):
         k = k.view(n, self.kv_heads, cfg.head_dim)
         v = v.view(n, self.kv_heads, cfg.head_dim)
         ops.rope(q, k, batch.positions, cos_sin)
-        k_cache[batch.slots, batch.positions] = k
-        v_cache[batch.slots, batch.positions] = v
+        k_cache.view(-1, self.kv_heads, cfg.head_dim).index_copy_(0, batch.slot_mapping, k)
+        v_cache.view(-1, self.kv_heads, cfg.head_dim).index_copy_(0, batch.slot_mapping, v)
         scale = cfg.head_dim**-0.5
         if batch.is_prefill and batch.context:
-            attn = ops.attention_chunk(q, k_cache[batch.slot], v_cache[batch.slot], batch.context, scale=scale)
+            attn = ops.attention_chunk(q, k_cache, v_cache, batch.block_table, batch.context, scale=scale)
         elif batch.is_prefill:
             attn = ops.attention_prefill(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale)
         else:
-            attn = ops.attention_decode(q, k_cache, v_cache, batch.seq_lens, scale=scale)
+            attn = ops.attention_decode(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, scale=scale)
         h = self._reduce(F.linear(attn.reshape(n, self.q_size), self.o_weight))
         x, residual = ops.rms_norm(h, self.post_attention_layernorm, cfg.rms_norm_eps, residual)
         h = self._reduce(F.linear(ops.silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight))
@@ -155,7 +170,7 @@ class Qwen2ForCausalLM(nn.Module):
     def forward(self, h: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         """h (T, D) input embeddings -> (T, D) final-normed hidden states; writes the cache in place.
 
-        k_cache and v_cache are (layers, slots, max_len, kv_heads, head_dim) (this rank's kv heads).
+        k_cache and v_cache are (layers, num_blocks, block_size, kv_heads, head_dim) (this rank's kv heads).
         """
         residual = None
         for i, layer in enumerate(self.layers):

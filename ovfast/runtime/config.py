@@ -39,6 +39,11 @@ class EngineConfig:
     max_prepared: int | None = None  # preprocessed requests holding pixels before admission; None: 2 x slots
     tensor_parallel_size: int = 1  # ranks the decoder is cut across (one GPU each, or CPU processes)
     cuda_graphs: bool | None = None  # capture the decode steps as CUDA graphs; None: OVFAST_CUDA_GRAPHS (on)
+    kv_cache_tokens: int | None = None  # KV-cache budget in positions; None: from free GPU memory, or a CPU bound
+    kv_block_size: int | None = None  # positions per KV page; None: 256 where flash-attn runs, else 16
+    gpu_memory_utilization: float = 0.9  # fraction of the GPU's memory the engine may fill (weights, cache, graphs)
+    prefix_caching: bool = True  # reuse the KV of earlier requests' identical prefixes (media included)
+    encoder_cache_tokens: int = 16384  # vision features kept by media hash, in feature rows; 0: off
 
     @classmethod
     def fields(cls) -> tuple[str, ...]:
@@ -60,6 +65,19 @@ class EngineConfig:
         for name in ("max_seq_len", "max_prepared"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
+        for name in ("kv_cache_tokens", "kv_block_size"):
+            if getattr(self, name) is not None:
+                _positive(name, getattr(self, name))
+        if self.kv_block_size is not None and self.kv_block_size & (self.kv_block_size - 1):
+            raise ConfigError(f"kv_block_size must be a power of two, got {self.kv_block_size}")
+        if isinstance(self.encoder_cache_tokens, bool) or not isinstance(self.encoder_cache_tokens, int) \
+                or self.encoder_cache_tokens < 0:
+            raise ConfigError(f"encoder_cache_tokens must be an integer >= 0, got {self.encoder_cache_tokens!r}")
+        u = self.gpu_memory_utilization
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ConfigError(f"gpu_memory_utilization must be in (0, 1], got {u!r}")
+        if not isinstance(self.prefix_caching, bool):
+            raise ConfigError(f"prefix_caching must be True or False, got {self.prefix_caching!r}")
         if self.cuda_graphs is not None and not isinstance(self.cuda_graphs, bool):
             raise ConfigError(f"cuda_graphs must be True, False or None, got {self.cuda_graphs!r}")
 

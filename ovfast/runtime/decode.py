@@ -1,21 +1,23 @@
 """The decode step over static buffers, captured as CUDA graphs per batch bucket.
 
-One step takes, for rows 0..b-1 (row r = KV-cache slot r), the input token and its position,
-runs the decoder (embedding lookup through token choice) and writes the next token. Every tensor
-it reads or writes lives at a fixed address: input tokens, positions, lengths, sampling and
-penalty parameters, token counts, the output tokens and log-probabilities, and the KV cache. The
-step also feeds its output back: an active row's next input is the token it just chose, one
-position further. So the host only writes a row when a sequence enters its slot (``admit``) or
-leaves it (``retire``), and steps can be queued back to back while the host reads the previous.
+One step takes, for rows 0..b-1 (row r: the sequence in slot r), the input token and its
+position, runs the decoder (embedding lookup through token choice) and writes the next token.
+Every tensor it reads or writes lives at a fixed address: input tokens, positions, block tables,
+lengths, sampling and penalty parameters, token counts, the output tokens and log-probabilities,
+and the paged KV cache. The step also feeds its output back: an active row's next input is the
+token it just chose, one position further, its K/V written through its block table (the page
+and offset computed on the device). So the host only writes a row when a sequence enters its
+slot (``admit``), gains pages (``set_blocks``: the new entries only) or leaves (``retire``), and
+steps can be queued back to back while the host reads the previous.
 
-Rows that are not active (retired, never admitted, or padding of a bucket) have length 0 and sit
-on the scratch position ``max_seq_len``: their attention reads nothing and their K/V go to a
-position no sequence owns, so they can never index past the cache or the RoPE table.
+Rows that are not active (retired, never admitted, or padding of a bucket) have length 0, sit on
+position 0 and point at the null page: their attention reads nothing and their K/V go to a page
+no sequence owns, so they can never index past the cache or the RoPE table.
 
 Two variants per bucket: plain greedy (argmax) and general (penalties, temperature, top-k/p,
 min-p, keyed draws and log-probabilities; see ``sampling``). On CUDA, when the decode attention
 is a kernel (flash-attn or Triton: the torch reference reads lengths on the host), every bucket
-(1, 2, 4, ... up to the slot count) is captured in both variants by ``capture_all``, which the
+(1, 2, 4, ... up to max_batch_size) is captured in both variants by ``capture_all``, which the
 engine calls at load; elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
 same step runs eagerly.
 """
@@ -60,21 +62,19 @@ class DecodeRunner:
     then runs the same sharded forward pass and gathers the logits; only rank 0 chooses tokens.
     """
 
-    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, scratch: int,
+    def __init__(self, lm: Qwen2ForCausalLM, cache: KVCache, device: torch.device, rows: int, max_blocks: int,
                  tp: TensorParallel | None = None, graphs: bool | None = None):
         self.lm, self.cache, self.device, self.tp = lm, cache, device, tp
         self.worker = tp is not None and tp.rank > 0
-        if not 0 <= scratch < cache.max_len:
-            raise ValueError(f"scratch position {scratch} is outside the cache's {cache.max_len} positions")
-        self.scratch = scratch
-        n, vocab = cache.slots, lm.cfg.vocab_size
+        n, vocab = rows, lm.cfg.vocab_size
+        self.rows, self.max_blocks, self.block_size = n, max_blocks, cache.block_size
         self.buckets = buckets(n)
         long = dict(dtype=torch.long, device=device)
         f32 = dict(dtype=torch.float32, device=device)
         self.tokens = torch.zeros(n, **long)  # input token of each row
-        self.positions = torch.full((n,), scratch, **long)  # its position in the sequence
+        self.positions = torch.zeros(n, **long)  # its position in the sequence (idle rows: 0, on the null page)
         self.active = torch.zeros(n, dtype=torch.bool, device=device)  # rows that advance
-        self.slots = torch.arange(n, **long)
+        self.block_tables = torch.zeros(n, max_blocks, dtype=torch.int32, device=device)  # row r: its pages
         self.seq_lens = torch.zeros(n, dtype=torch.int32, device=device)
         self.temperature = torch.zeros(n, **f32)
         self.top_p = torch.ones(n, **f32)
@@ -91,7 +91,8 @@ class DecodeRunner:
         k = min(sampling.MAX_LOGPROBS, vocab)
         self.top_logprobs = torch.zeros(n, k, **f32)
         self.top_ids = torch.zeros(n, k, **long)
-        self._step_inputs = torch.zeros(3 * n, **long)  # tensor parallelism: tokens, positions, active, broadcast
+        # Tensor parallelism: tokens, positions, active and the block tables, broadcast at each step.
+        self._step_inputs = torch.zeros((3 + max_blocks) * n, **long)
         self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
         self.capture_ms = 0.0
         self.use_graphs = (
@@ -103,8 +104,11 @@ class DecodeRunner:
 
     # --- host-side row updates (between steps) ---------------------------------------------------
 
-    def set_params(self, slot: int, p: SamplingParams, seed: int, prompt_ids: torch.Tensor) -> None:
-        """A request takes ``slot``: its sampling parameters, and its prompt as the tokens seen."""
+    def set_params(self, slot: int, p: SamplingParams, seed: int, prompt_ids: torch.Tensor,
+                   answer: list[int] = ()) -> None:
+        """A request takes ``slot``: its sampling parameters, its prompt as the tokens seen, and
+        (resuming after a preemption) the tokens it had already generated but its last one, which
+        ``admit`` counts as always."""
         self.temperature[slot] = p.temperature
         self.top_p[slot] = p.top_p
         self.top_k[slot] = p.top_k
@@ -117,6 +121,10 @@ class DecodeRunner:
         self.seen[slot].zero_()
         if p.repetition_penalty != 1.0:
             self.seen[slot, prompt_ids.to(self.device)] = True
+        if answer:
+            ids = torch.tensor(list(answer), dtype=torch.long).to(self.device)
+            self.counts[slot].index_put_((ids,), torch.ones_like(ids, dtype=torch.int32), accumulate=True)
+            self.seen[slot, ids] = True
 
     def admit(self, slot: int, token: int, position: int) -> None:
         """The slot's sequence starts decoding: its next input is its first ``token`` at ``position``."""
@@ -127,9 +135,20 @@ class DecodeRunner:
         self.active[slot] = True
 
     def retire(self, slot: int) -> None:
-        """The slot's sequence is done: the row stops and parks on the scratch position."""
+        """The slot's sequence is done: the row stops, parks on position 0 and points at the null page."""
         self.active[slot] = False
-        self.positions[slot] = self.scratch
+        self.positions[slot] = 0
+        self.block_tables[slot].zero_()
+
+    def set_blocks(self, slot: int, start: int, blocks: list[int]) -> None:
+        """Entries start.. of the row's block table (a sequence's pages, appended as it grows).
+
+        From a pinned host copy, without a sync; torch's pinned-memory cache keeps that copy
+        until the transfer has run, so a later update cannot overwrite it in flight."""
+        if not blocks:
+            return
+        host = torch.tensor(blocks, dtype=torch.int32, pin_memory=self.device.type == "cuda")
+        self.block_tables[slot, start : start + len(blocks)].copy_(host, non_blocking=True)
 
     # --- token choice (shared by the step and a prefill's first token) ----------------------------
 
@@ -178,11 +197,11 @@ class DecodeRunner:
     @torch.inference_mode()
     def _forward(self, b: int, general: bool) -> None:
         lm = self.lm
-        tokens, positions, active = self.tokens[:b], self.positions[:b], self.active[:b]
+        tokens, positions, active, tables = self.tokens[:b], self.positions[:b], self.active[:b], self.block_tables[:b]
         if self.tp is not None:
-            self._share_inputs(tokens, positions, active)
+            self._share_inputs(tokens, positions, active, tables)
         self.seq_lens[:b].copy_(torch.where(active, positions + 1, 0))
-        batch = ForwardBatch(positions=positions, slots=self.slots[:b], seq_lens=self.seq_lens[:b])
+        batch = ForwardBatch.decode(positions, tables, self.block_size, self.seq_lens[:b])
         logits = lm.logits(lm(lm.embed(tokens), batch, self.cache.k, self.cache.v))
         if self.worker:  # rank 0 chooses; a worker's part ends with the logits gather
             return
@@ -194,20 +213,23 @@ class DecodeRunner:
             self.seen[:b].scatter_(1, nxt[:, None], self.seen[:b].gather(1, nxt[:, None]) | active[:, None])
         positions.copy_(torch.where(active, positions + 1, positions))
 
-    def _share_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor) -> None:
+    def _share_inputs(self, tokens: torch.Tensor, positions: torch.Tensor, active: torch.Tensor,
+                      tables: torch.Tensor) -> None:
         """Rank 0's step inputs into every rank's rows (one broadcast of a fixed buffer: graph-safe)."""
         b = tokens.shape[0]
-        packed = self._step_inputs[: 3 * b]
-        rows = packed.view(3, b)
+        packed = self._step_inputs[: (3 + self.max_blocks) * b]
+        rows, pages = packed[: 3 * b].view(3, b), packed[3 * b :].view(b, self.max_blocks)
         if not self.worker:
             rows[0].copy_(tokens)
             rows[1].copy_(positions)
             rows[2].copy_(active)
+            pages.copy_(tables)
         self.tp.broadcast(packed)
         if self.worker:
             tokens.copy_(rows[0])
             positions.copy_(rows[1])
             active.copy_(rows[2].bool())
+            tables.copy_(pages)
 
     def _capture(self, b: int, general: bool) -> torch.cuda.CUDAGraph:
         t0 = time.perf_counter()

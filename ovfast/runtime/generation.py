@@ -56,6 +56,7 @@ class Completion:
     finish_reason: str  # "stop" (eos or a stop string), "length" (max_new_tokens) or "cancelled"
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # with ``logprobs=``: one per token of token_ids
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not recomputed)
 
 
 class TextAssembler:
@@ -134,7 +135,13 @@ class Sequence:
     seed: int = 0  # keys the draws of a sampling request (see ``sampling.keyed_noise``)
     timings: Timings = field(default_factory=Timings)
     vision: object | None = None  # the model runner's plan for the media still to encode
-    spans: list = field(default_factory=list)  # (kind, start, end) device-time marks of its prefill pieces
+    marks: list = field(default_factory=list)  # (kind, start, end) device-time marks of its prefill pieces
+    blocks: list[int] = field(default_factory=list)  # its KV-cache pages, in position order (its block table)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full pages so far
+    registered: int = 0  # pages whose hash the pool knows (full and written)
+    cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache (first admission)
+    resuming: bool = False  # preempted earlier: its prefill recomputes prompt + answer so far, chooses nothing
+    preemptions: int = 0
     embeds: torch.Tensor | None = None  # the prompt's input rows (media merged) until prefilled
     prefilled: int = 0  # prompt positions already in the cache
     length: int = 0  # positions of this sequence already in the cache
@@ -152,6 +159,16 @@ class Sequence:
     @property
     def prompt_tokens(self) -> int:
         return len(self.request.input_ids) if self.request is not None else 0
+
+    def context_ids(self) -> list[int]:
+        """The ids whose K/V its prefill writes: the prompt, and after a preemption also the answer
+        so far except its last token (the next decode step's input)."""
+        return self.request.input_ids + self.tokens[:-1] if self.resuming else self.request.input_ids
+
+    def id_at(self, position: int) -> int:
+        """The token at ``position`` of prompt + answer."""
+        n = len(self.request.input_ids)
+        return self.request.input_ids[position] if position < n else self.tokens[position - n]
 
     @property
     def done_generating(self) -> bool:
@@ -178,4 +195,4 @@ class Sequence:
         if self.text is None:  # ended before it was prepared or admitted
             return Completion("", [], self.prompt_tokens, self.finish_reason or "cancelled", self.timings)
         return Completion(self.text.text, list(self.tokens), self.prompt_tokens, self.finish_reason,
-                          self.timings, self.logprobs)
+                          self.timings, self.logprobs, self.cached_tokens)

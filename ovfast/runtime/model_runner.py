@@ -35,7 +35,8 @@ from ..models.qwen2 import ForwardBatch
 from ..ops.backends import use_triton
 from .decode import DecodeRunner
 from .generation import Sequence, Status, TextAssembler, TokenLogprob
-from .kv_cache import KVCache, round_up
+from .encoder_cache import EncoderCache
+from .kv_cache import KVCache, blocks_for
 from .request import PreparedRequest
 
 
@@ -75,18 +76,21 @@ class VisionPlan:
 class ModelRunner:
     def __init__(self, model: LlavaOnevision, cache: KVCache, decode: DecodeRunner, *, model_config: ModelConfig,
                  proc: ProcessingConfig, normalizer: PixelNormalizer, tokenizer: Tokenizer, eos_ids: frozenset[int],
-                 vision_chunk: int, tp: TensorParallel | None = None, fatal: Callable[[], str | None] | None = None):
+                 vision_chunk: int, encoder_cache: EncoderCache, tp: TensorParallel | None = None,
+                 fatal: Callable[[], str | None] | None = None):
         self.model, self.cache, self.decode = model, cache, decode
         self.lm = model.language_model
         self.device, self.dtype = cache.k.device, cache.k.dtype
         self.model_config, self.proc, self.normalizer = model_config, proc, normalizer
         self.tokenizer, self.eos_ids, self.vision_chunk = tokenizer, eos_ids, vision_chunk
         self.tp, self._fatal = tp, fatal
+        self.encoder_cache = encoder_cache
+        self.block_size = cache.block_size
         self._tiles_on_device = use_triton(self.device) or self.device.type == "cuda"
         self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
         # Two host buffers for the chosen tokens: one being read while the next step fills the other.
         pin = self.device.type == "cuda"
-        n, k = cache.slots, decode.top_ids.shape[1]
+        n, k = decode.rows, decode.top_ids.shape[1]
         self._host_tokens = [torch.zeros(n, dtype=torch.long, pin_memory=pin) for _ in range(2)]
         self._host_logprobs = [(torch.zeros(n, pin_memory=pin), torch.zeros(n, k, pin_memory=pin),
                                 torch.zeros(n, k, dtype=torch.long, pin_memory=pin)) for _ in range(2)]
@@ -133,23 +137,45 @@ class ModelRunner:
     # --- a sequence in its slot --------------------------------------------------------------------
 
     def begin(self, seq: Sequence) -> None:
-        """``seq`` (prepared, with its slot) starts: sampling state, prompt rows, its vision plan."""
+        """``seq`` (prepared, with its slot and pages; its first ``prefilled`` positions already
+        cached) starts: sampling state, its rows from ``prefilled`` on, the media still needed.
+        A preempted sequence resumes: the same state, its answer so far part of the context."""
         req, slot = seq.request, seq.slot
         p = req.params
-        seed = p.seed if p.seed is not None else random.getrandbits(62)
-        seq.seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # its 64 bits, as the device's int64
-        seq.text = TextAssembler(self.tokenizer, p.stop)
-        seq.timings.preprocess_ms = req.preprocess_ms
-        if p.logprobs is not None:
-            seq.logprobs = []
-        ids = torch.tensor(req.input_ids, dtype=torch.long, device=self.device)
-        self.decode.set_params(slot, p, seq.seed, ids)
-        seq.embeds = self._embed(ids)
-        seq.vision = VisionPlan(req.items, self._item_rows(req), seq.embeds) if req.items else None
+        if seq.text is None:  # the first admission (a resumed sequence keeps its seed, text, logprobs)
+            seed = p.seed if p.seed is not None else random.getrandbits(62)
+            seq.seed = seed - (1 << 64) if seed >= 1 << 63 else seed  # its 64 bits, as the device's int64
+            seq.text = TextAssembler(self.tokenizer, p.stop)
+            seq.timings.preprocess_ms = req.preprocess_ms
+            if p.logprobs is not None:
+                seq.logprobs = []
+        context = seq.context_ids()
+        ids = torch.tensor(context, dtype=torch.long, device=self.device)
+        self.decode.set_params(slot, p, seq.seed, ids[: len(req.input_ids)], seq.tokens[:-1] if seq.resuming else [])
+        self.decode.set_blocks(slot, 0, seq.blocks)
+        seq.table = torch.tensor(seq.blocks, dtype=torch.int32).to(self.device, non_blocking=True)
+        seq.embeds = self._embed(ids[seq.prefilled :])  # row i: position prefilled + i
+        # Media wholly inside the cached prefix need nothing; the vision cache may hold the rest.
+        items, rows = [], []
+        for item, r, (_, stop) in zip(req.items, self._item_rows(req, seq.prefilled), req.spans):
+            if stop <= seq.prefilled:
+                continue
+            feats = self.encoder_cache.get(item.key)
+            if feats is not None:
+                _merge(seq.embeds, r, feats)
+            else:
+                items.append(item)
+                rows.append(r)
+        seq.vision = VisionPlan(items, rows, seq.embeds) if items else None
+
+    def set_blocks(self, seq: Sequence, first: int) -> None:
+        """``seq`` gained pages ``seq.blocks[first:]`` (decoding): into its decode row."""
+        self.decode.set_blocks(seq.slot, first, seq.blocks[first:])
 
     def advance(self, seq: Sequence, budget: int) -> bool:
         """One bounded piece of ``seq``'s prefill: a vision piece while media remain, else at most
-        ``budget`` prompt positions. True once the last chunk has chosen the first token."""
+        ``budget`` prompt positions. True once the last chunk is in: it has chosen the first token
+        (or, resuming, the sequence can decode on from its last one)."""
         if seq.vision is not None:
             self._vision_piece(seq)
             return False
@@ -209,24 +235,34 @@ class ModelRunner:
     # --- jobs that need no slot ----------------------------------------------------------------------
 
     def encode_media(self, items: list[VisualItem]) -> list[torch.Tensor]:
-        """Packed features (num_tokens, D) of each item: tiles -> SigLIP -> projector -> packing."""
-        plan = VisionPlan(items)
+        """Packed features (num_tokens, D) of each item: tiles -> SigLIP -> projector -> packing
+        (or the vision cache)."""
+        out = [self.encoder_cache.get(item.key) for item in items]
+        missing = [i for i, feats in enumerate(out) if feats is None]
+        plan = VisionPlan([items[i] for i in missing])
         packed = []
         while plan.next < plan.total:
             packed += self._encode_piece(plan, plan.total - plan.next)
-        return packed
+        for i, feats in zip(missing, packed):
+            out[i] = feats
+        return out
 
-    def prompt_hidden(self, req: PreparedRequest, cache: KVCache | None = None, slot: int = 0) -> torch.Tensor:
+    def prompt_hidden(self, req: PreparedRequest, cache: KVCache | None = None,
+                      table: torch.Tensor | None = None) -> torch.Tensor:
         """The whole prompt in one pass: final hidden states (T, D). Into a scratch cache of its own
-        unless ``cache`` is given (a test decoding on from there), so it never waits for a slot."""
+        (pages 1..) unless ``cache`` and ``table`` are given (a test decoding on from there), so it
+        never waits for pages or a slot."""
         n = len(req.input_ids)
         if cache is None:
-            cache, slot = self.cache.sized(1, round_up(n, 16)), 0
+            cache = self.cache.sized(blocks_for(n, self.block_size) + 1)
+        if table is None:
+            table = torch.arange(1, blocks_for(n, self.block_size) + 1, dtype=torch.int32, device=self.device)
         ids = torch.tensor(req.input_ids, dtype=torch.long, device=self.device)
         h = self._embed(ids)
         for rows, feats in zip(self._item_rows(req), self.encode_media(req.items)):
-            h.index_copy_(0, rows, feats.to(h.dtype))
-        return self._forward(h, ForwardBatch.prefill(slot, n, self.device), cache)
+            _merge(h, rows, feats)
+        pages = table.tolist() if self.tp is not None else None
+        return self._forward(h, ForwardBatch.prefill(table, self.block_size, n), cache, pages)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """fp32 next-token logits of hidden states (the workers take part)."""
@@ -239,7 +275,7 @@ class ModelRunner:
         start = self._clock()
         plan = seq.vision
         self._encode_piece(plan, self.vision_chunk)
-        seq.spans.append(("vision", start, self._clock()))
+        seq.marks.append(("vision", start, self._clock()))
         if plan.done:
             seq.vision = None
 
@@ -259,8 +295,9 @@ class ModelRunner:
             i = plan.merged
             item, feats = plan.items[i], plan.feats[plan.starts[i] : plan.starts[i + 1]]
             out = self._pack(item, feats)
+            self.encoder_cache.put(item.key, out)
             if plan.rows is not None:
-                plan.embeds.index_copy_(0, plan.rows[i], out.to(plan.embeds.dtype))
+                _merge(plan.embeds, plan.rows[i], out)
             packed.append(out)
             plan.device_tiles.pop(i, None)
             plan.merged += 1
@@ -320,21 +357,27 @@ class ModelRunner:
 
     def _prefill_chunk(self, seq: Sequence, budget: int) -> bool:
         start_mark = self._clock()
-        total, start = seq.prompt_tokens, seq.prefilled
+        total, start = len(seq.context_ids()), seq.prefilled
         n = min(budget, total - start)
-        batch = ForwardBatch.prefill(seq.slot, n, self.device, start=start)
-        hidden = self._forward(seq.embeds[start : start + n], batch, self.cache)
+        rows = seq.embeds[: n]
+        seq.embeds = seq.embeds[n:]
+        batch = ForwardBatch.prefill(seq.table, self.block_size, n, start=start)
+        hidden = self._forward(rows, batch, self.cache, seq.blocks)
         seq.prefilled += n
         if seq.prefilled < total:  # no sync: the next chunk queues behind this one
-            seq.spans.append(("prefill", start_mark, self._clock()))
+            seq.marks.append(("prefill", start_mark, self._clock()))
             return False
         seq.embeds = None
+        if seq.resuming:  # the answer so far is back in the cache; its last token is the next input
+            seq.length = total
+            seq.marks.clear()
+            return True
         p = seq.request.params
         rows = slice(seq.slot, seq.slot + 1)
         logits = self.logits(hidden[-1:])
         chosen = self.decode.choose(logits, rows, torch.tensor([total - 1], device=self.device), not p.plain_greedy)
         token = int(chosen)  # the one sync of a prefill: the first token is needed on the host
-        seq.spans.append(("prefill", start_mark, self._clock()))
+        seq.marks.append(("prefill", start_mark, self._clock()))
         self._read_spans(seq)
         if seq.logprobs is not None:
             d = self.decode
@@ -352,20 +395,11 @@ class ModelRunner:
         seq.logprobs.append(TokenLogprob(token, decode(token), float(chosen[row]),
                                          tuple((i, decode(i), v) for i, v in zip(ids, values))))
 
-    def _item_rows(self, req: PreparedRequest) -> list[torch.Tensor]:
-        """The prompt rows each item's packed features go to: images and videos each take their
-        placeholder rows in prompt order (found on the host: no boolean-mask indexing, a sync)."""
-        cfg = self.model_config
-        where = {tok: [i for i, t in enumerate(req.input_ids) if t == tok]
-                 for tok in (cfg.image_token_id, cfg.video_token_id)}
-        used = dict.fromkeys(where, 0)
-        out = []
-        for item in req.items:
-            tok = cfg.video_token_id if item.kind == "video" else cfg.image_token_id
-            rows = where[tok][used[tok] : used[tok] + item.num_tokens]
-            used[tok] += item.num_tokens
-            out.append(torch.tensor(rows, dtype=torch.long).to(self.device, non_blocking=True))
-        return out
+    def _item_rows(self, req: PreparedRequest, offset: int = 0) -> list[torch.Tensor]:
+        """Each item's rows in an embedding tensor that starts at prompt position ``offset``
+        (positions before it are cached already and have no rows)."""
+        return [torch.arange(max(start, offset) - offset, max(stop, offset) - offset, device=self.device)
+                for start, stop in req.spans]
 
     # --- timing without syncs ----------------------------------------------------------------------
 
@@ -380,13 +414,13 @@ class ModelRunner:
     def _read_spans(self, seq: Sequence) -> None:
         """(After the first token's sync) the vision and prefill milliseconds from the pieces' marks."""
         totals = {"vision": 0.0, "prefill": 0.0}
-        for kind, a, b in seq.spans:
+        for kind, a, b in seq.marks:
             if isinstance(a, float):
                 totals[kind] += (b - a) * 1e3
             else:
                 b.synchronize()
                 totals[kind] += a.elapsed_time(b)
-        seq.spans.clear()
+        seq.marks.clear()
         seq.timings.vision_ms, seq.timings.prefill_ms = totals["vision"], totals["prefill"]
 
     # --- the decoder calls, mirrored on the tensor-parallel workers --------------------------------------
@@ -402,11 +436,18 @@ class ModelRunner:
         self._announce("embed", n=ids.shape[0])
         return self.lm.embed(self._share(ids))
 
-    def _forward(self, h: torch.Tensor, batch: ForwardBatch, cache: KVCache) -> torch.Tensor:
-        scratch = None if cache is self.cache else (cache.slots, cache.max_len)
-        self._announce("forward", shape=tuple(h.shape), dtype=_name(h.dtype), slot=batch.slot, start=batch.context,
-                       scratch=scratch)
+    def _forward(self, h: torch.Tensor, batch: ForwardBatch, cache: KVCache, pages: list[int] | None) -> torch.Tensor:
+        """A prefill pass; ``pages`` (the block table as a host list) go to the workers with it."""
+        scratch = None if cache is self.cache else cache.num_blocks
+        self._announce("forward", shape=tuple(h.shape), dtype=_name(h.dtype), start=batch.context,
+                       table=pages, scratch=scratch)
         return self.lm(self._share(h), batch, cache.k, cache.v)
+
+
+def _merge(embeds: torch.Tensor, rows: torch.Tensor, feats: torch.Tensor) -> None:
+    """An item's packed features over its rows; with fewer rows (the head of the item is in the
+    cached prefix) its last ones."""
+    embeds.index_copy_(0, rows, feats[feats.shape[0] - rows.shape[0] :].to(embeds.dtype))
 
 
 def _tile_count(item: VisualItem) -> int:

@@ -5,13 +5,15 @@ KV cache, so a rejected request leaves the engine exactly as it was.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import jinja2
+import numpy as np
 
 from ..checkpoint.config import ModelConfig
 from ..checkpoint.prompts import IMAGE_MARKER, VIDEO_MARKER, render_qwen_1_5
@@ -117,6 +119,7 @@ class PreparedRequest:
     input_ids: list[int]  # placeholders already expanded to one id per feature row
     params: SamplingParams
     preprocess_ms: float
+    spans: list[tuple[int, int]] = field(default_factory=list)  # each item's (start, stop) prompt positions
 
 
 @dataclass(frozen=True)
@@ -204,9 +207,9 @@ class RequestBuilder:
                 f"the prompt is {prompt_tokens} tokens (media included) and max_new_tokens is {params.max_new_tokens}: "
                 f"{prompt_tokens + params.max_new_tokens} > this engine's context of {self.limits.max_seq_len}"
             )
-        visual = [o.tile(on_device=device_tiling) for o in opened]
-        ids = self._expand(ids, visual)
-        return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3)
+        visual = [with_key(o.tile(on_device=device_tiling), self.proc, self.model) for o in opened]
+        ids, spans = self._expand(ids, visual)
+        return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3, spans)
 
     def _tokenize(self, text: str, items: list) -> list[int]:
         """Token ids of ``text`` with one placeholder id per ``<image>`` / ``<video>`` marker.
@@ -245,20 +248,36 @@ class RequestBuilder:
                 ids.append(placeholder[kinds[i]])
         return ids
 
-    def _expand(self, ids: list[int], visual: list[VisualItem]) -> list[int]:
-        """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has tokens."""
+    def _expand(self, ids: list[int], visual: list[VisualItem]) -> tuple[list[int], list[tuple[int, int]]]:
+        """Replace the k-th <image> (<video>) id with as many ids as the k-th image (video) has
+        tokens; also each item's (start, stop) positions, in item order."""
         image_id, video_id = self.model.image_token_id, self.model.video_token_id
-        images = iter([v for v in visual if v.kind != "video"])
-        videos = iter([v for v in visual if v.kind == "video"])
+        images = iter([i for i, v in enumerate(visual) if v.kind != "video"])
+        videos = iter([i for i, v in enumerate(visual) if v.kind == "video"])
         out: list[int] = []
+        spans: list[tuple[int, int]] = [(0, 0)] * len(visual)
         for t in ids:
-            if t == image_id:
-                out.extend([image_id] * next(images).num_tokens)
-            elif t == video_id:
-                out.extend([video_id] * next(videos).num_tokens)
+            if t == image_id or t == video_id:
+                i = next(images if t == image_id else videos)
+                spans[i] = (len(out), len(out) + visual[i].num_tokens)
+                out.extend([t] * visual[i].num_tokens)
             else:
                 out.append(t)
-        return out
+        return out, spans
+
+
+def with_key(item: VisualItem, proc: ProcessingConfig, model: ModelConfig) -> VisualItem:
+    """``item`` with its ``key``: a hash of its pixels (tiles, or the frames the device will tile)
+    and of everything that turns them into feature rows (kind, token count, size, layout, the
+    processing settings, the semantics). Equal keys: equal features; the prefix and vision caches
+    rely on it, so two images of the same size never share an entry. Runs on a preprocessing worker."""
+    h = hashlib.blake2b(digest_size=16)
+    h.update(repr((item.kind, item.num_tokens, item.image_size, item.layout, proc, model.semantics,
+                   model.vision_layers_used)).encode())
+    for a in ([item.tiles] if item.tiles is not None else item.rgb):
+        h.update(repr((a.shape, str(a.dtype))).encode())
+        h.update(np.ascontiguousarray(a).data)
+    return replace(item, key=h.digest())
 
 
 def _check_text(text: str) -> None:

@@ -32,8 +32,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..errors import EngineBusyError, EngineOverloadedError, OvfastError
+from .block_pool import BlockPool, MediaSpan, NoFreeBlocks, block_hashes
 from .generation import Sequence, Status
 from .handle import RequestHandle
+from .kv_cache import blocks_for
 from .request import PreparedRequest
 
 log = logging.getLogger("ovfast")
@@ -66,6 +68,18 @@ def decoding(running: dict[int, Sequence]) -> dict[int, Sequence]:
     return {slot: seq for slot, seq in running.items() if seq.status is Status.DECODING and not seq.done_generating}
 
 
+def victim(running: dict[int, Sequence]) -> Sequence | None:
+    """Whom to preempt when pages run out: the youngest running sequence (the least work lost,
+    and the oldest keep their pace)."""
+    return max(running.values(), key=lambda seq: seq.submitted, default=None)
+
+
+def prefix_blocks(hashes: list[bytes], cached: list[int], context: int, block_size: int) -> list[int]:
+    """The cached pages a sequence reuses: the matched ones, short of the page holding its last
+    context position (that token is always recomputed: its logits choose the next token)."""
+    return cached[: min(len(cached), (context - 1) // block_size)]
+
+
 def _percentiles(samples) -> dict[str, float]:
     if not samples:
         return {"p50": 0.0, "p90": 0.0, "p99": 0.0}
@@ -75,10 +89,14 @@ def _percentiles(samples) -> dict[str, float]:
 
 
 class Scheduler:
-    def __init__(self, runner, *, slots: int, tokens_per_slot: int, max_queue: int, prefill_chunk: int,
-                 preprocess_workers: int, max_prepared: int, device: torch.device | None = None):
+    def __init__(self, runner, *, slots: int, pool: BlockPool, prefix_caching: bool, max_queue: int,
+                 prefill_chunk: int, preprocess_workers: int, max_prepared: int, device: torch.device | None = None):
         self.runner = runner
-        self.slots, self.tokens_per_slot = slots, tokens_per_slot
+        self.slots, self.pool, self.prefix_caching = slots, pool, prefix_caching
+        self.block_size = pool.block_size
+        # Pages kept free at admission, so that running sequences can grow a while before anyone
+        # is preempted.
+        self.watermark = max(1, (pool.num_blocks - 1) // 100)
         self.max_queue, self.prefill_chunk, self.max_prepared = max_queue, prefill_chunk, max_prepared
         self.device = device
         self._cond = threading.Condition()
@@ -99,6 +117,9 @@ class Scheduler:
         self._ttft: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._itl: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self._defects: deque[dict] = deque(maxlen=_DEFECTS_KEPT)
+        self._prefix_hits = 0  # prompt tokens served from the prefix cache
+        self._prefix_queries = 0  # prompt tokens looked up
+        self._preemptions = 0
         _LIVE.add(self)
 
     # --- callers' side ---------------------------------------------------------------------------
@@ -235,8 +256,13 @@ class Scheduler:
                 "waiting": len(self._preprocessing) + len(self._ready),
                 "prepared": self._holding,
                 "free_slots": self.slots - len(running),
-                "kv_tokens_used": sum(seq.length for seq in running),
-                "kv_tokens_total": self.slots * self.tokens_per_slot,
+                "kv_tokens_used": self.pool.used * self.block_size,
+                "kv_tokens_total": (self.pool.num_blocks - 1) * self.block_size,
+                "kv_blocks_used": self.pool.used,
+                "kv_blocks_total": self.pool.num_blocks - 1,
+                "prefix_cache_hit_tokens": self._prefix_hits,
+                "prefix_cache_query_tokens": self._prefix_queries,
+                "preemptions": self._preemptions,
                 "requests_finished": self._finished,
                 "tokens_generated": self._tokens,
                 "ttft_ms": _percentiles(self._ttft),
@@ -303,9 +329,13 @@ class Scheduler:
         return not (self._closed and not self._running and not in_flight and self.closed_reason is None)
 
     def _admit(self) -> list[Sequence]:
-        """(holding the lock) Ready sequences into free slots, in order."""
+        """(holding the lock) Ready sequences into free slots, in order, while their pages fit
+        (those from the prefix cache cost nothing); the first that does not fit waits, and so
+        does everyone behind it."""
         out = []
         for seq, slot in admissions(self._ready, free_slots(self._running, self.slots)):
+            if not self._take_pages(seq):
+                break
             self._ready.popleft()
             self._holding -= 1  # its pixels are about to be consumed
             seq.slot, seq.status = slot, Status.PREFILLING
@@ -314,6 +344,91 @@ class Scheduler:
         if out:
             self._cond.notify_all()  # preprocessing workers waiting for the pixel budget
         return out
+
+    def _take_pages(self, seq: Sequence) -> bool:
+        """Pages for ``seq``'s context: the cached prefix reused, the rest allocated. False (and
+        nothing taken) when they do not fit beside the watermark."""
+        context = seq.context_ids()
+        if self.prefix_caching and len(seq.block_hashes) < len(context) // self.block_size:
+            spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
+            seq.block_hashes += block_hashes(context, spans, self.block_size, parent=seq.block_hashes[-1:] or None,
+                                             first_block=len(seq.block_hashes))
+        cached = prefix_blocks(seq.block_hashes, self.pool.match(seq.block_hashes), len(context),
+                               self.block_size) if self.prefix_caching else []
+        fresh = blocks_for(len(context), self.block_size) - len(cached)
+        reserve = self.watermark if self._running else 0
+        revived = sum(self.pool.refcount(b) == 0 for b in cached)  # cached-free pages leave the free count
+        if self.pool.free_count - revived < fresh + reserve:
+            return False
+        self.pool.take(cached)
+        seq.blocks = cached + self.pool.allocate(fresh)
+        seq.registered = len(cached)
+        seq.prefilled = len(cached) * self.block_size
+        if not seq.resuming:
+            seq.cached_tokens = seq.prefilled
+            self._prefix_hits += seq.prefilled
+            self._prefix_queries += len(context)
+        return True
+
+    def _register_full_pages(self, seq: Sequence) -> None:
+        """Hash and publish the pages of ``seq`` now full and written (prompt or answer), so later
+        requests with the same prefix (a follow-up question, the next turn of a chat) reuse them."""
+        if not self.prefix_caching:
+            return
+        written = seq.length if seq.status is Status.DECODING else seq.prefilled
+        full = min(written // self.block_size, len(seq.blocks))
+        if full <= seq.registered:
+            return
+        if len(seq.block_hashes) < full:
+            ids = (seq.request.input_ids + seq.tokens)[: full * self.block_size]
+            spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
+            seq.block_hashes += block_hashes(ids, spans, self.block_size, parent=seq.block_hashes[-1:] or None,
+                                             first_block=len(seq.block_hashes))
+        for i in range(seq.registered, full):
+            self.pool.register(seq.blocks[i], seq.block_hashes[i])
+        seq.registered = full
+
+    def _grow(self, active: dict[int, Sequence]) -> dict[int, Sequence]:
+        """Pages for the next decode step of every decoding sequence (the step in flight writes
+        position ``length``, the next one ``length + 1``); when they run out, the youngest running
+        sequences are preempted until they fit. Returns who still decodes."""
+        for seq in sorted(active.values(), key=lambda s: s.submitted):
+            if seq.status is not Status.DECODING:
+                continue  # preempted meanwhile
+            need = blocks_for(seq.length + 2, self.block_size) - len(seq.blocks)
+            while need > 0:
+                try:
+                    new = self.pool.allocate(need)
+                except NoFreeBlocks:
+                    out = victim(self._running)
+                    self._preempt(out)
+                    if out is seq:
+                        break
+                    continue
+                first = len(seq.blocks)
+                seq.blocks += new
+                self.runner.set_blocks(seq, first)
+                need = 0
+        return {slot: seq for slot, seq in active.items() if seq.status is Status.DECODING}
+
+    def _preempt(self, seq: Sequence) -> None:
+        """``seq`` gives its pages back and waits at the head of the queue; when readmitted it
+        recomputes its prompt and answer so far (much of it from the prefix cache) and decodes on,
+        with exactly the tokens it would have had."""
+        log.info("%s preempted (KV pages ran out) after %d tokens", seq.handle.id, len(seq.tokens))
+        with self._cond:
+            del self._running[seq.slot]
+            self.runner.retire(seq.slot)
+            self.pool.release(seq.blocks)
+            seq.blocks, seq.registered, seq.slot = [], 0, -1
+            seq.prefilled, seq.length, seq.embeds, seq.vision = 0, 0, None, None
+            seq.resuming = bool(seq.tokens)
+            seq.block_hashes = seq.block_hashes[: len(seq.context_ids()) // self.block_size]
+            seq.status = Status.READY
+            seq.preemptions += 1
+            self._preemptions += 1
+            self._holding += 1
+            self._ready.appendleft(seq)
 
     def _drop_cancelled_ready(self) -> None:
         """(holding the lock) Cancelled requests still in the ready queue end now, never taking a slot.
@@ -353,14 +468,19 @@ class Scheduler:
         if seq is None:
             return
         try:
-            first = self.runner.advance(seq, self.prefill_chunk)
+            done = self.runner.advance(seq, self.prefill_chunk)
         except OvfastError as e:
             self._end_running(seq, error=e)
             return
         except Exception as e:
             self._defect("a prefill piece", e, [seq])
             return
-        if not first:
+        self._register_full_pages(seq)
+        if not done:
+            return
+        if seq.resuming:  # back from a preemption: decodes on from its last token, nothing new to say
+            seq.resuming = False
+            self._start_decoding(seq)
             return
         with self._cond:
             self._ttft.append((seq.last_token - seq.submitted) * 1e3)
@@ -369,6 +489,9 @@ class Scheduler:
         if seq.done_generating:
             self._end_running(seq)
             return
+        self._start_decoding(seq)
+
+    def _start_decoding(self, seq: Sequence) -> None:
         try:
             self.runner.start_decoding(seq)
         except Exception as e:
@@ -377,7 +500,7 @@ class Scheduler:
         seq.status = Status.DECODING
 
     def _launch(self):
-        active = decoding(self._running)
+        active = self._grow(decoding(self._running))
         if not active:
             return None
         try:
@@ -397,6 +520,7 @@ class Scheduler:
             self._itl.extend((seq.last_token - seq.previous_token) * 1e3 for seq in stepped)
         for seq in stepped:
             seq.handle._push(seq.text.pending())
+            self._register_full_pages(seq)
             if seq.done_generating:
                 self._end_running(seq)
 
@@ -412,7 +536,8 @@ class Scheduler:
         try:
             self.runner.retire(seq.slot)
         finally:
-            seq.embeds, seq.vision = None, None
+            self.pool.release(seq.blocks)
+            seq.blocks, seq.embeds, seq.vision = [], None, None
             if error is not None:
                 seq.status = Status.FAILED
             else:
