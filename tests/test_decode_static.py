@@ -16,13 +16,16 @@ def _dynamic_greedy(engine, images, prompt, n):
     """Prefill, then one freshly built batch-1 forward per token: no static buffers, no feedback."""
     req = engine.requests.prepare(images, prompt, True, SamplingParams.make(max_new_tokens=n))
     lm = engine.model.language_model
+    # A scratch cache of its own, pages in order: the engine's pages (and its prefix cache) stay untouched.
+    pages = -(-(len(req.input_ids) + n + 1) // engine.cache.block_size)
+    cache, table = engine.cache.sized(pages + 1), torch.arange(1, pages + 1, dtype=torch.int32)
     with torch.inference_mode():
-        hidden = engine.runner.prompt_hidden(req, engine.cache)
+        hidden = engine.runner.prompt_hidden(req, cache, table)
         token = int(lm.logits(hidden[-1:]).argmax(-1))
         out, position = [token], len(req.input_ids)
         while len(out) < n and token not in engine.eos_ids:
-            batch = ForwardBatch.decode(torch.tensor([position]))
-            h = lm(lm.embed(torch.tensor([token])), batch, engine.cache.k, engine.cache.v)
+            batch = ForwardBatch.decode(torch.tensor([position]), table[None], cache.block_size)
+            h = lm(lm.embed(torch.tensor([token])), batch, cache.k, cache.v)
             token = int(lm.logits(h).argmax(-1))
             out.append(token)
             position += 1

@@ -128,7 +128,7 @@ def test_errors_inside_the_model_leave_the_engine_usable(engine, baseline, monke
     monkeypatch.undo()
     assert engine.complete(GOOD_IMAGE, "What is shown?", max_new_tokens=6).token_ids == baseline
     stats = engine.stats()  # nothing stays reserved
-    assert stats["running"] == stats["waiting"] == 0 and stats["free_slots"] == engine.cache.slots
+    assert stats["running"] == stats["waiting"] == 0 and stats["free_slots"] == engine.max_batch_size
     assert not engine.runner.decode.active.any()  # no row keeps advancing
 
 

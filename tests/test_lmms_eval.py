@@ -81,7 +81,7 @@ def test_generate_until_matches_engine(lmm, docs):
         assert text == expected
     # a single image without a marker is exactly the engine's own placement
     assert out[0] == engine.generate(docs[0]["images"], docs[0]["question"], max_new_tokens=6, stop=["\n\n"]).strip()
-    assert engine.stats()["free_slots"] == engine.cache.slots
+    assert engine.stats()["free_slots"] == engine.max_batch_size
 
 
 def test_loglikelihood_matches_engine(lmm, docs):

@@ -67,9 +67,12 @@ def test_dtypes_and_default_device(layouts):
 
 
 def test_kv_cache_is_allocated_once_and_images_encoded_once(layouts, monkeypatch):
-    engine = ovfast.load(layouts["llava-hf"], max_seq_len=3000, max_batch_size=3)
+    # (the vision and prefix caches off: this counts the encodings requests need)
+    engine = ovfast.load(layouts["llava-hf"], max_seq_len=3000, max_batch_size=3, encoder_cache_tokens=0,
+                         prefix_caching=False)
     cfg = engine.model_config.text
-    assert engine.cache.k.shape == (cfg.num_layers, 3, 3008, cfg.num_kv_heads, cfg.head_dim)  # rounded up to 16
+    bs = engine.cache.block_size  # pages for 3 sequences of 3000 (+1 written ahead), and the null page
+    assert engine.cache.k.shape == (cfg.num_layers, -(-3 * 3001 // bs) + 1, bs, cfg.num_kv_heads, cfg.head_dim)
     ptrs = (engine.cache.k.data_ptr(), engine.cache.v.data_ptr())
     calls = []
     real = engine.model.encode_tiles

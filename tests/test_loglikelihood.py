@@ -61,7 +61,7 @@ def test_matches_transformers(ckpt, case):
     assert greedy == expected_greedy
     # the same continuation as ids scores the same
     assert engine.loglikelihood(items, prompt, cont) == pytest.approx((logprob, greedy), abs=1e-5)
-    assert engine.stats()["free_slots"] == engine.cache.slots  # the lent slot is free again
+    assert engine.stats()["free_slots"] == engine.max_batch_size  # the lent slot is free again
 
 
 def test_chat_false_uses_the_prompt_verbatim(tiny):
@@ -127,5 +127,5 @@ def test_errors(tiny):
     with pytest.raises(PlaceholderError):
         engine.loglikelihood(None, "Hello", [engine.model_config.image_token_id])
     # the engine is untouched: the next request runs normally
-    assert engine.stats()["free_slots"] == engine.cache.slots
+    assert engine.stats()["free_slots"] == engine.max_batch_size
     assert isinstance(engine.loglikelihood(None, "Hello", " world")[0], float)

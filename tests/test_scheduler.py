@@ -14,6 +14,7 @@ import pytest
 
 from ovfast.errors import EngineBusyError, PromptError
 from ovfast.runtime import scheduler as sched
+from ovfast.runtime.block_pool import BlockPool
 from ovfast.runtime.generation import Sequence, Status, Timings
 from ovfast.runtime.handle import RequestHandle
 from ovfast.runtime.request import PreparedRequest, SamplingParams
@@ -70,7 +71,9 @@ class FakeRunner:
         seq.done += 1
         if seq.done < self.pieces.get(n, 1):
             return False
-        seq.length = n
+        seq.prefilled = seq.length = len(seq.context_ids())
+        if seq.resuming:
+            return True
         seq.last_token = seq.decode_start = time.perf_counter()
         seq.add_token(1, EOS)
         return True
@@ -80,6 +83,9 @@ class FakeRunner:
 
     def retire(self, slot):
         self.calls.append(("retire", slot))
+
+    def set_blocks(self, seq, first):
+        self.calls.append(("set_blocks", seq.handle.id, len(seq.blocks)))
 
     def launch(self, active):
         self.launches += 1
@@ -107,9 +113,9 @@ def prepared(n: int, max_new_tokens: int = 3) -> PreparedRequest:
     return PreparedRequest([], list(range(1, n + 1)), SamplingParams.make(max_new_tokens=max_new_tokens), 0.0)
 
 
-def make(runner, slots=2, max_queue=64, max_prepared=4, workers=1) -> sched.Scheduler:
-    return sched.Scheduler(runner, slots=slots, tokens_per_slot=1000, max_queue=max_queue, prefill_chunk=8,
-                           preprocess_workers=workers, max_prepared=max_prepared)
+def make(runner, slots=2, max_queue=64, max_prepared=4, workers=1, blocks=1000, block_size=4) -> sched.Scheduler:
+    return sched.Scheduler(runner, slots=slots, pool=BlockPool(blocks, block_size), prefix_caching=True,
+                           max_queue=max_queue, prefill_chunk=8, preprocess_workers=workers, max_prepared=max_prepared)
 
 
 def seq(submitted: float, status: Status) -> Sequence:
@@ -143,7 +149,7 @@ def test_requests_go_through_every_status_in_order():
     h = s.submit(lambda: prepared(5))
     c = h.result(timeout=10)
     assert c.token_ids == [1, 2, 3] and c.finish_reason == "length"
-    ids = [x for x in runner.calls if x[1] == h.id or x[0] in ("retire",)]
+    ids = [x for x in runner.calls if x[0] != "set_blocks" and (x[1] == h.id or x[0] == "retire")]
     assert ids == [("begin", h.id), ("advance", h.id), ("advance", h.id), ("advance", h.id),
                    ("start_decoding", h.id), ("retire", 0)]
     st = s.stats()
@@ -282,4 +288,46 @@ def test_stats_are_consistent_while_requests_run():
         assert 0 <= st["prepared"] <= 4
     assert all(h.result().finish_reason == "length" for h in handles)
     assert s.stats()["requests_finished"] == 8
+    s.close()
+
+
+# --- pages ----------------------------------------------------------------------------------------------
+
+
+def test_admission_waits_for_pages_and_pages_come_back():
+    """9 usable pages of 4 positions: a 14-position prompt takes 4, so the second of two waits for
+    the first to end even though a slot is free; every page is free again at the end."""
+    s = make(FakeRunner(), slots=2, blocks=10, block_size=4)
+    a = s.submit(lambda: prepared(14, max_new_tokens=8))
+    b = s.submit(lambda: prepared(13, max_new_tokens=8))
+    assert a.result(timeout=10).finish_reason == "length" and b.result(timeout=10).finish_reason == "length"
+    st = s.stats()
+    assert st["kv_blocks_used"] == 0 and st["kv_blocks_total"] == 9 and st["kv_tokens_total"] == 36
+    s.pool.check()
+    s.close()
+
+
+def test_preemption_resumes_the_youngest_with_its_answer_intact():
+    """Two long answers in 9 pages: the younger is preempted when pages run out, then resumes
+    (recomputing prompt + answer so far, choosing nothing new) and ends with every token."""
+    runner = FakeRunner(block=threading.Event())
+    s = make(runner, slots=2, blocks=10, block_size=4)
+    a = s.submit(lambda: prepared(3, max_new_tokens=14))
+    b = s.submit(lambda: prepared(4, max_new_tokens=14))
+    b.wait_prepared(10)
+    runner.block.set()  # both are in before the first piece ends
+    ca, cb = a.result(timeout=10), b.result(timeout=10)
+    assert ca.token_ids == cb.token_ids == list(range(1, 15))  # the fake's k-th token is k
+    assert s.stats()["preemptions"] >= 1
+    assert s.stats()["kv_blocks_used"] == 0
+    s.pool.check()
+    s.close()
+
+
+def test_a_follow_up_reuses_the_cached_prefix():
+    s = make(FakeRunner(), blocks=100, block_size=4)
+    first = s.submit(lambda: prepared(21, max_new_tokens=2)).result(timeout=10)
+    again = s.submit(lambda: prepared(21, max_new_tokens=2)).result(timeout=10)
+    assert first.cached_tokens == 0 and again.cached_tokens == 20  # all but the page of the last position
+    assert s.stats()["prefix_cache_hit_tokens"] == 20
     s.close()

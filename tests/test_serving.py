@@ -180,7 +180,7 @@ def test_bad_input_on_a_worker_leaks_nothing(tiny):
     with pytest.raises(ovfast.ImageReadError):  # stream raises at the call, not at the first next()
         engine.stream(b"not an image", "What?", max_new_tokens=2)
     after = engine.stats()
-    assert after["waiting"] == before["waiting"] == 0 and after["free_slots"] == engine.cache.slots
+    assert after["waiting"] == before["waiting"] == 0 and after["free_slots"] == engine.max_batch_size
 
 
 def test_close_cancels_and_refuses(checkpoint_dirs):
@@ -202,7 +202,7 @@ def test_stats_report_the_runtime(tiny):
     for key in ("running", "waiting", "free_slots", "kv_tokens_used", "kv_tokens_total", "requests_finished",
                 "tokens_generated"):
         assert isinstance(s[key], int), key
-    assert s["kv_tokens_total"] == engine.cache.slots * engine.max_seq_len
+    assert s["kv_tokens_total"] == engine.info()["kv_cache_tokens"] >= engine.max_batch_size * engine.max_seq_len
     assert s["ttft_ms"]["p50"] > 0 and s["inter_token_ms"]["p99"] >= s["inter_token_ms"]["p50"] > 0
 
 
@@ -221,10 +221,10 @@ def test_requests_ending_at_max_seq_len_beside_others(small):
     edge = small.submit(None, prompt, max_new_tokens=exact, ignore_eos=True)
     assert edge.result(timeout=60).token_ids == alone.token_ids
     other.result(timeout=60)
-    # Retired rows park on the scratch position with length 0, never past the cache.
-    assert small.cache.max_len >= small.max_seq_len + 1
+    # Retired rows park on position 0 of the null page with length 0, never past the cache.
+    assert small.cache.tokens >= small.max_seq_len + 1
     assert small.model.language_model.cos_sin.shape[0] >= small.max_seq_len + 1
-    assert torch.all(small.runner.decode.positions == small.runner.decode.scratch)
+    assert torch.all(small.runner.decode.positions == 0) and not small.runner.decode.block_tables.any()
     three = small.complete_many([(None, "a", {"max_new_tokens": 2}), (None, "b", {"max_new_tokens": 3}),
                                  (None, prompt, {"max_new_tokens": exact, "ignore_eos": True})])
     assert three[2].token_ids == alone.token_ids
@@ -233,7 +233,7 @@ def test_requests_ending_at_max_seq_len_beside_others(small):
 def test_idle_rows_have_length_zero_in_a_step(small):
     runner = small.runner.decode
     runner.step(3, sampling=False)  # every row idle
-    assert torch.all(runner.seq_lens[:3] == 0) and torch.all(runner.positions == runner.scratch)
+    assert torch.all(runner.seq_lens[:3] == 0) and torch.all(runner.positions == 0)
 
 
 # --- messages --------------------------------------------------------------------------------------

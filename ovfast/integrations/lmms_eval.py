@@ -128,7 +128,7 @@ class OvfastLMM(lmms):
         self.engine = load(pretrained, **load_kw)
         self.semantics = self.engine.model_config.semantics
         self.chat_template = None  # prompts are rendered by the engine (see _prompt)
-        self._window = min(self.engine.config.max_queue, 4 * self.engine.cache.slots)
+        self._window = min(self.engine.config.max_queue, 4 * self.engine.max_batch_size)
 
     # --- what lmms-eval reads ------------------------------------------------------------------
 

@@ -61,12 +61,11 @@ class ForwardBatch:
                seq_lens: torch.Tensor | None = None) -> "ForwardBatch":
         """One token for each of rows 0..B-1 at ``positions`` (by default every row active)."""
         b = positions.shape[0]
-        return cls(
-            positions=positions,
-            slot_mapping=flat_slots(block_tables[:b], positions, block_size),
-            block_tables=block_tables,
-            seq_lens=(positions + 1).to(torch.int32) if seq_lens is None else seq_lens,
-        )
+        seq_lens = (positions + 1).to(torch.int32) if seq_lens is None else seq_lens
+        # An idle row (length 0) writes to the null page, whatever its table holds: a sequence
+        # still prefilling has its pages in its row already, and they may be shared.
+        slots = torch.where(seq_lens > 0, flat_slots(block_tables[:b], positions, block_size), 0)
+        return cls(positions=positions, slot_mapping=slots, block_tables=block_tables, seq_lens=seq_lens)
 
 
 def flat_slots(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:

@@ -31,7 +31,9 @@ from .decode import DecodeRunner
 from .devices import resolve_device
 from .generation import Completion
 from .handle import RequestHandle
-from .kv_cache import KVCache, round_up
+from .block_pool import BlockPool
+from .encoder_cache import EncoderCache
+from .kv_cache import KVCache, blocks_for
 from .model_runner import ModelRunner
 from .request import Limits, PreparedRequest, RequestBuilder, SamplingParams, as_items
 from .scheduler import Scheduler
@@ -67,40 +69,51 @@ class Engine:
             raise ConfigError(f"max_seq_len {max_seq_len} exceeds the model's {cfg.text.max_position_embeddings} positions")
         self.max_seq_len = max_seq_len
         self.eos_ids = loading.eos_ids(ckpt, self.tokenizer, cfg)
-        self.requests = RequestBuilder(
-            cfg, proc, self.tokenizer, ChatTemplate(template) if template else None,
-            Limits(max_seq_len, config.max_images, config.max_video_frames),
-        )
         self.normalizer = PixelNormalizer(proc)
 
-        # One position past max_seq_len: the scratch position idle decode rows write to.
-        cache_len = round_up(max_seq_len + 1, 16)
-        slots = config.max_batch_size
+        # The paged KV cache: its page size and budget are fixed before any process starts (every
+        # tensor-parallel rank holds the same pages of its own heads).
+        plan = plan_shards(cfg.text, 0, config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
+        block_size = config.kv_block_size or _preferred_block_size(self.device, self.dtype, cfg.text.head_dim)
+        num_blocks, self.kv_info = loading.kv_budget(config, cfg, self.device, self.dtype, plan, max_seq_len, block_size)
+        rows, max_blocks = config.max_batch_size, blocks_for(max_seq_len + 2, block_size)
+        # A request must fit the whole cache: prompt + answer + the position written ahead.
+        self.context_limit = min(max_seq_len, (num_blocks - 1) * block_size - 1)
+        self.requests = RequestBuilder(
+            cfg, proc, self.tokenizer, ChatTemplate(template) if template else None,
+            Limits(self.context_limit, config.max_images, config.max_video_frames),
+        )
         self._scheduler: Scheduler | None = None
         parallel = loading.start_tensor_parallel(
             config.tensor_parallel_size, ckpt, cfg, self.device, self.dtype, config.semantics, weights is not None,
-            slots, cache_len, max_seq_len, self._worker_died)
+            dict(rows=rows, num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
+                 max_positions=max_seq_len + 2), self._worker_died)
         self.device, self.tp, self._workers = parallel.device, parallel.tp, parallel.workers
         with self._on_device():
             built = loading.build_model(ckpt, cfg, self.device, self.dtype, parallel, weights)
             self.skipped_tensors, self._rank_reports, self.load_ms = built.skipped_tensors, built.rank_reports, built.load_ms
             model = built.model
-            model.language_model.set_max_positions(cache_len)
-            plan = plan_shards(cfg.text, self.tp.rank, self.tp.size) if self.tp else None
-            cache = KVCache(cfg.text, slots, cache_len, self.dtype, self.device, len(plan.kv_heads) if plan else None)
-            decode = DecodeRunner(model.language_model, cache, self.device, scratch=max_seq_len, tp=self.tp,
-                                  graphs=config.cuda_graphs)
+            model.language_model.set_max_positions(max_seq_len + 2)
+            cache = KVCache(cfg.text, num_blocks, block_size, self.dtype, self.device,
+                            len(plan.kv_heads) if plan else None)
+            decode = DecodeRunner(model.language_model, cache, self.device, rows=rows, max_blocks=max_blocks,
+                                  tp=self.tp, graphs=config.cuda_graphs)
             self.runner = ModelRunner(
                 model, cache, decode, model_config=cfg, proc=proc, normalizer=self.normalizer,
-                tokenizer=self.tokenizer, eos_ids=self.eos_ids, vision_chunk=config.vision_chunk, tp=self.tp,
-                fatal=self._fatal)
+                tokenizer=self.tokenizer, eos_ids=self.eos_ids, vision_chunk=config.vision_chunk,
+                encoder_cache=EncoderCache(config.encoder_cache_tokens), tp=self.tp, fatal=self._fatal)
             # Warm up at load, not on the first request: vision GEMM autotuning, then every graph.
             self.runner.warm_up_vision()
             self.runner.capture_graphs()
         self._scheduler = Scheduler(
-            self.runner, slots=slots, tokens_per_slot=max_seq_len, max_queue=config.max_queue,
-            prefill_chunk=config.prefill_chunk, preprocess_workers=config.preprocess_workers,
-            max_prepared=config.prepared_limit, device=self.device)
+            self.runner, slots=rows, pool=BlockPool(num_blocks, block_size), prefix_caching=config.prefix_caching,
+            max_queue=config.max_queue, prefill_chunk=config.prefill_chunk,
+            preprocess_workers=config.preprocess_workers, max_prepared=config.prepared_limit, device=self.device)
+
+    @property
+    def max_batch_size(self) -> int:
+        """Sequences decoded together (the KV cache is shared by pages, not split among them)."""
+        return self.config.max_batch_size
 
     @property
     def model(self):
@@ -268,8 +281,11 @@ class Engine:
             "device": str(self.device), "dtype": str(self.dtype).removeprefix("torch."),
             "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
             "graph_capture_ms": self.runner.decode.capture_ms, "vision_warmup_ms": self.runner.vision_warmup_ms,
-            "kv_cache_gib": self.cache.nbytes / 2**30,
-            "max_batch_size": self.cache.slots, "max_seq_len": self.max_seq_len,
+            "kv_cache_gib": self.cache.nbytes / 2**30, **self.kv_info,
+            "gpu_memory_utilization": self.config.gpu_memory_utilization,
+            "prefix_caching": self.config.prefix_caching, "encoder_cache_tokens": self.config.encoder_cache_tokens,
+            "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,
+            "context_limit": self.context_limit,
             "max_queue": self.config.max_queue, "prefill_chunk": self.config.prefill_chunk,
             "vision_chunk": self.config.vision_chunk,
             "skipped_tensors": list(self.skipped_tensors),
@@ -287,7 +303,9 @@ class Engine:
     def stats(self) -> dict:
         """Now: running / waiting requests, free slots, KV tokens used of total; so far: requests
         finished, tokens generated, time-to-first-token and inter-token latency percentiles (ms)."""
-        return self._scheduler.stats()
+        enc = self.runner.encoder_cache.stats()
+        return {**self._scheduler.stats(), "encoder_cache_hits": enc["hits"], "encoder_cache_misses": enc["misses"],
+                "encoder_cache_tokens": enc["tokens"]}
 
     def preprocess(self, images, *, dtype: torch.dtype | None = None, pin_memory: bool | None = None) -> list[torch.Tensor]:
         """Normalised pixel values of each item with this engine's settings (see ``ovfast.preprocess``).
@@ -318,6 +336,16 @@ class Engine:
     def _on_device(self):
         """Every launch and capture on the engine's GPU, whatever the calling thread's current device."""
         return torch.cuda.device(self.device) if self.device.type == "cuda" else contextlib.nullcontext()
+
+
+def _preferred_block_size(device: torch.device, dtype: torch.dtype, head_dim: int) -> int:
+    """Where the kernels run, their choice (flash-attn's paged path wants 256-position pages);
+    else 16: small pages waste little of a sequence's last page and share prefixes finely."""
+    if use_triton(device):
+        from ..kernels import preferred_block_size  # Triton is imported only where kernels run
+
+        return preferred_block_size(device, dtype, head_dim)
+    return 16
 
 
 def _params(params: dict) -> SamplingParams:

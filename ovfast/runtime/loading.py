@@ -5,6 +5,7 @@ returns what it built or raises with nothing left running (workers killed, the g
 """
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from ..errors import ConfigError
 from ..models.llava_onevision import LlavaOnevision
 from ..settings import environment
 from . import tensor_parallel
+from .kv_cache import blocks_for, bytes_per_token
 
 
 @dataclass
@@ -33,9 +35,10 @@ class Parallel:
 
 
 def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig, device: torch.device,
-                          dtype: torch.dtype, semantics: str | None, has_weights: bool, slots: int, cache_len: int,
-                          scratch: int, on_death: Callable[[str], None]) -> Parallel:
+                          dtype: torch.dtype, semantics: str | None, has_weights: bool, cache: dict,
+                          on_death: Callable[[str], None]) -> Parallel:
     """The group for ``size`` > 1 (every check runs before a process starts), else ``Parallel()``.
+    ``cache``: the workers' KV-cache and decode-row sizes (``WorkerSpec``'s fields).
 
     Started by torchrun (RANK / WORLD_SIZE set), this process is one of the ranks: rank 0 goes on
     as the engine; a rank > 0 serves rank 0 and exits (SystemExit) when it closes.
@@ -58,7 +61,7 @@ def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig
     tensor_parallel.check_free(size)
     spec = tensor_parallel.WorkerSpec(
         checkpoint=str(ckpt.path), semantics=semantics, dtype=str(dtype).removeprefix("torch."),
-        device_type=device.type, first_gpu=device.index or 0, slots=slots, cache_len=cache_len, scratch=scratch)
+        device_type=device.type, first_gpu=device.index or 0, **cache)
     if launched is not None:
         tp = tensor_parallel.join(launched[0], size, device)
         if tp.rank > 0:
@@ -121,3 +124,40 @@ def eos_ids(ckpt: Checkpoint, tokenizer: Tokenizer, model_config: ModelConfig) -
         ids.append(im_end)
     return frozenset(ids)
 
+
+
+_ACTIVATION_RESERVE = 2 << 30  # GPU bytes left for activations, vision pieces and graph pools
+
+
+def kv_budget(config, cfg: ModelConfig, device: torch.device, dtype: torch.dtype, plan, max_seq_len: int,
+              block_size: int) -> tuple[int, dict]:
+    """The KV cache's size in pages (the null page included), and how it was chosen (for ``info()``).
+
+    ``kv_cache_tokens`` when given. Else on CUDA: what fits in ``gpu_memory_utilization`` of the
+    GPU beside what is in use now, this rank's weights (counted before they load) and an
+    activation reserve; on the CPU: ``max_batch_size x max_seq_len`` positions, at most a quarter
+    of the machine's memory. Either way at least one full-length sequence.
+    """
+    per_token = bytes_per_token(cfg.text, dtype, len(plan.kv_heads) if plan else None)
+    if config.kv_cache_tokens is not None:
+        tokens, how = config.kv_cache_tokens, "kv_cache_tokens"
+    elif device.type == "cuda":
+        with torch.device("meta"):
+            weights = tensor_parallel.parameter_bytes(LlavaOnevision(cfg, plan).to(dtype))
+        free, total = torch.cuda.mem_get_info(device)
+        spare = free - (1 - config.gpu_memory_utilization) * total - weights - _ACTIVATION_RESERVE
+        tokens, how = int(spare // per_token), f"gpu_memory_utilization {config.gpu_memory_utilization}"
+        if tokens < max_seq_len + 1:
+            raise ConfigError(
+                f"only {max(tokens, 0)} KV-cache positions fit on {device} beside the weights "
+                f"({weights / 2**30:.1f} GiB) at gpu_memory_utilization {config.gpu_memory_utilization}; one "
+                f"sequence of max_seq_len {max_seq_len} needs {max_seq_len + 1}: lower max_seq_len, raise "
+                "gpu_memory_utilization, or use tensor parallelism")
+    else:
+        ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        tokens = min(config.max_batch_size * (max_seq_len + 1), ram // 4 // per_token)
+        how = "max_batch_size x max_seq_len (CPU)"
+    tokens = max(tokens, 1)
+    blocks = blocks_for(tokens, block_size) + 1
+    return blocks, {"kv_cache_tokens": (blocks - 1) * block_size, "kv_block_size": block_size,
+                    "kv_budget_from": how, "kv_bytes_per_token": per_token}

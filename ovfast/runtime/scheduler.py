@@ -351,7 +351,7 @@ class Scheduler:
         context = seq.context_ids()
         if self.prefix_caching and len(seq.block_hashes) < len(context) // self.block_size:
             spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
-            seq.block_hashes += block_hashes(context, spans, self.block_size, parent=seq.block_hashes[-1:] or None,
+            seq.block_hashes += block_hashes(context, spans, self.block_size, parent=seq.block_hashes[-1] if seq.block_hashes else None,
                                              first_block=len(seq.block_hashes))
         cached = prefix_blocks(seq.block_hashes, self.pool.match(seq.block_hashes), len(context),
                                self.block_size) if self.prefix_caching else []
@@ -382,7 +382,7 @@ class Scheduler:
         if len(seq.block_hashes) < full:
             ids = (seq.request.input_ids + seq.tokens)[: full * self.block_size]
             spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
-            seq.block_hashes += block_hashes(ids, spans, self.block_size, parent=seq.block_hashes[-1:] or None,
+            seq.block_hashes += block_hashes(ids, spans, self.block_size, parent=seq.block_hashes[-1] if seq.block_hashes else None,
                                              first_block=len(seq.block_hashes))
         for i in range(seq.registered, full):
             self.pool.register(seq.blocks[i], seq.block_hashes[i])

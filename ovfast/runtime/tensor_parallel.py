@@ -67,9 +67,11 @@ class WorkerSpec:
     dtype: str  # "float32", "bfloat16", "float16"
     device_type: str  # "cuda" or "cpu"
     first_gpu: int  # spawned rank r uses cuda:(first_gpu + r)
-    slots: int
-    cache_len: int
-    scratch: int
+    rows: int  # decode rows (max_batch_size)
+    num_blocks: int  # KV pages, the null page included
+    block_size: int
+    max_blocks: int  # block-table entries per row
+    max_positions: int  # RoPE table length
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -263,10 +265,10 @@ def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
     # Everything outside the decoder is rank 0's: skipped unread, as are the feature path's spares.
     load_weights(lm.weight_destinations(), checkpoint_tensors(ckpt, device),
                  lambda name: not name.startswith(("lm.", "lm_head.")) or feature_path_skips(name, cfg))
-    lm.set_max_positions(spec.cache_len)
+    lm.set_max_positions(spec.max_positions)
     lm = lm.eval().requires_grad_(False)
-    cache = KVCache(cfg.text, spec.slots, spec.cache_len, dtype, device, kv_heads=len(plan.kv_heads))
-    runner = DecodeRunner(lm, cache, device, scratch=spec.scratch, tp=tp)
+    cache = KVCache(cfg.text, spec.num_blocks, spec.block_size, dtype, device, kv_heads=len(plan.kv_heads))
+    runner = DecodeRunner(lm, cache, device, rows=spec.rows, max_blocks=spec.max_blocks, tp=tp)
     return lm, cache, runner
 
 
@@ -297,8 +299,9 @@ def serve(tp: TensorParallel, spec: WorkerSpec, device: torch.device) -> int:
                 lm.embed(tp.broadcast(torch.empty(meta["n"], dtype=torch.long, device=device)))
             elif op == "forward":  # into the engine's cache, or a job's scratch cache of the size named
                 h = tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device))
-                into = cache.sized(*meta["scratch"]) if meta["scratch"] else cache
-                lm(h, ForwardBatch.prefill(meta["slot"], meta["shape"][0], device, start=meta["start"]), into.k, into.v)
+                into = cache.sized(meta["scratch"]) if meta["scratch"] else cache
+                table = torch.tensor(meta["table"], dtype=torch.int32, device=device)
+                lm(h, ForwardBatch.prefill(table, cache.block_size, meta["shape"][0], start=meta["start"]), into.k, into.v)
             elif op == "logits":
                 lm.logits(tp.broadcast(torch.empty(meta["shape"], dtype=getattr(torch, meta["dtype"]), device=device)))
             elif op == "decode":

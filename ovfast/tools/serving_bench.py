@@ -135,7 +135,7 @@ def run(args) -> dict:
         return {
             "date": datetime.date.today().isoformat(), "device": device_name(device), "torch": torch.__version__,
             "model": args.model, "dtype": str(dtype).removeprefix("torch."), "concurrency": args.concurrency,
-            "max_batch_size": engine.cache.slots, "rate": args.rate, "mix": mix,
+            "max_batch_size": engine.max_batch_size, "rate": args.rate, "mix": mix,
             "kinds": {k: sum(kind == k for kind, _ in requests) for k in KINDS},
             "question_tokens": args.question_tokens, "new_tokens": args.new_tokens,
             "prefill_chunk": engine.config.prefill_chunk, "cuda_graphs": engine.info()["cuda_graphs"],
