@@ -82,7 +82,6 @@ class ModelRunner:
         self.model_config, self.proc, self.normalizer = model_config, proc, normalizer
         self.tokenizer, self.eos_ids, self.vision_chunk = tokenizer, eos_ids, vision_chunk
         self.tp, self._fatal = tp, fatal
-        self._tiles_on_device = use_triton(self.device) or self.device.type == "cuda"
         self._affine: tuple[torch.Tensor, torch.Tensor] | None = None
         # Two host buffers for the chosen tokens: one being read while the next step fills the other.
         pin = self.device.type == "cuda"
@@ -270,12 +269,16 @@ class ModelRunner:
 
     def _encode_tiles(self, plan: VisionPlan, a: int, b: int) -> torch.Tensor:
         """Projected features (b - a, P, D) of the plan's tiles a..b-1 (they may span items)."""
+        # Read at each piece, as the kernel mode is (a test may switch it); items prepared for
+        # device tiling have no host tiles at all.
+        items = [i for i, (s, e) in enumerate(zip(plan.starts, plan.starts[1:])) if max(a, s) < min(b, e)]
+        on_device = use_triton(self.device) or self.device.type == "cuda" or \
+            any(plan.items[i].tiles is None for i in items)
         parts = []
-        for i, (s, e) in enumerate(zip(plan.starts, plan.starts[1:])):
-            lo, hi = max(a, s), min(b, e)
-            if lo < hi:
-                parts.append(self._item_tiles(plan, i)[lo - s : hi - s])
-        if self._tiles_on_device:
+        for i in items:
+            s, e = plan.starts[i], plan.starts[i + 1]
+            parts.append(self._item_tiles(plan, i, on_device)[max(a, s) - s : min(b, e) - s])
+        if on_device:
             # uint8 all the way to the patch embedding, which folds the normalisation in as
             # x * scale + shift (a few ulps from the CPU table, invisible after the cast to bf16).
             # The CPU default keeps the table: bit-exact.
@@ -284,10 +287,10 @@ class ModelRunner:
         pixels = self.normalizer(torch.from_numpy(np.concatenate(parts)), self.dtype)
         return self.model.encode_tiles(pixels, self.vision_chunk)
 
-    def _item_tiles(self, plan: VisionPlan, i: int):
+    def _item_tiles(self, plan: VisionPlan, i: int, on_device: bool):
         """Item ``i``'s tiles: (n, T, T, 3) uint8 on the host, or (n, 3, T, T) uint8 on the device."""
         item = plan.items[i]
-        if not self._tiles_on_device:
+        if not on_device:
             return item.tiles
         if i not in plan.device_tiles:
             plan.device_tiles[i] = self._device_tiles(item)
