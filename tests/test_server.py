@@ -431,3 +431,20 @@ def test_load_script_runs_bounded(server):
     assert result["requests"] == result["ok"] == 12 and result["errors"] == 0
     assert result["requests_per_s"] > 0 and result["ttft_ms"]["p99"] >= result["ttft_ms"]["p50"] > 0
     assert result["rss_growth_mib"] is not None
+
+
+def test_cached_prompt_tokens_are_reported_and_counted(server, client):
+    """A repeated image question: usage.prompt_tokens_details.cached_tokens as OpenAI reports it,
+    and the cache figures on /metrics."""
+    content = [{"type": "image_url", "image_url": {"url": URIS[1]}}, {"type": "text", "text": "Again?"}]
+    first = _chat(client, content, max_tokens=2)
+    second = _chat(client, content, max_tokens=2)
+    assert first.choices[0].message.content == second.choices[0].message.content
+    assert second.usage.prompt_tokens_details.cached_tokens > first.usage.prompt_tokens_details.cached_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+    text = httpx.get(server.url + "/metrics").text
+    for name in ("ovfast_kv_cache_blocks_used", "ovfast_kv_cache_blocks_total", "ovfast_prefix_cache_hit_tokens",
+                 "ovfast_prefix_cache_query_tokens", "ovfast_encoder_cache_hits", "ovfast_encoder_cache_misses",
+                 "ovfast_preemptions"):
+        assert name in text, name
+    assert re.search(r"ovfast_prefix_cache_hit_tokens [1-9]", text)

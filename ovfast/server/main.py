@@ -60,6 +60,11 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-video-frames", type=int, default=64)
     g.add_argument("--prefill-chunk", type=int, default=1024)
     g.add_argument("--preprocess-workers", type=int, default=2)
+    g.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in positions (default: from free GPU memory)")
+    g.add_argument("--kv-block-size", type=int, help="positions per KV page (default: 256 with flash-attn, else 16)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    g.add_argument("--no-prefix-caching", action="store_true", help="do not reuse identical prompt prefixes")
+    g.add_argument("--encoder-cache-tokens", type=int, default=16384, help="vision features kept by media (0: off)")
     g.add_argument("--tensor-parallel-size", type=int, default=1, metavar="N",
                    help="cut the decoder across N GPUs; under torchrun, rank 0 serves HTTP")
     g.add_argument("--semantics", choices=["original", "transformers"],
@@ -75,7 +80,9 @@ def main(argv: list[str] | None = None) -> int:
                         max_queue=args.max_queue, max_seq_len=args.max_seq_len, max_images=args.max_images,
                         max_video_frames=args.max_video_frames, prefill_chunk=args.prefill_chunk,
                         preprocess_workers=args.preprocess_workers, semantics=args.semantics,
-                        tensor_parallel_size=args.tensor_parallel_size)
+                        tensor_parallel_size=args.tensor_parallel_size, kv_cache_tokens=args.kv_cache_tokens,
+                        kv_block_size=args.kv_block_size, gpu_memory_utilization=args.gpu_memory_utilization,
+                        prefix_caching=not args.no_prefix_caching, encoder_cache_tokens=args.encoder_cache_tokens)
     launched = environment.torchrun_rank()
     if launched is not None and launched[0] > 0 and args.tensor_parallel_size > 1:
         load(args.model, **load_options)  # this rank serves rank 0's decoder inside load() and exits there

@@ -29,6 +29,18 @@ class Metrics:
         self.preprocess = Histogram("ovfast_preprocess_seconds", "Media decoding, tiling and tokenising",
                                     buckets=_LATENCY_S, registry=r)
         self.vision = Histogram("ovfast_vision_seconds", "Vision tower and projector", buckets=_LATENCY_S, registry=r)
+        # Cache figures are the engine's own running totals, read at each scrape.
+        self.kv_blocks_used = Gauge("ovfast_kv_cache_blocks_used", "KV-cache pages in use", registry=r)
+        self.kv_blocks_total = Gauge("ovfast_kv_cache_blocks_total", "KV-cache pages in all", registry=r)
+        self.prefix_hits = Gauge("ovfast_prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache so far",
+                                 registry=r)
+        self.prefix_queries = Gauge("ovfast_prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache "
+                                    "so far", registry=r)
+        self.encoder_hits = Gauge("ovfast_encoder_cache_hits", "Media items served from the vision cache so far",
+                                  registry=r)
+        self.encoder_misses = Gauge("ovfast_encoder_cache_misses", "Media items the vision tower encoded so far",
+                                    registry=r)
+        self.preemptions = Gauge("ovfast_preemptions", "Sequences preempted for KV pages so far", registry=r)
 
     def observe(self, status: int, c: Completion | None) -> None:
         self.requests.labels(str(status), c.finish_reason if c is not None else "error").inc()
@@ -51,4 +63,11 @@ class Metrics:
             self.running.set(s["running"])
             self.waiting.set(s["waiting"])
             self.kv_usage.set(s["kv_tokens_used"] / max(s["kv_tokens_total"], 1))
+            self.kv_blocks_used.set(s["kv_blocks_used"])
+            self.kv_blocks_total.set(s["kv_blocks_total"])
+            self.prefix_hits.set(s["prefix_cache_hit_tokens"])
+            self.prefix_queries.set(s["prefix_cache_query_tokens"])
+            self.encoder_hits.set(s["encoder_cache_hits"])
+            self.encoder_misses.set(s["encoder_cache_misses"])
+            self.preemptions.set(s["preemptions"])
         return generate_latest(self.registry)

@@ -311,7 +311,8 @@ def _finish(c: Completion) -> str:
 
 def usage(c: Completion) -> dict:
     return {"prompt_tokens": c.prompt_tokens, "completion_tokens": len(c.token_ids),
-            "total_tokens": c.prompt_tokens + len(c.token_ids)}
+            "total_tokens": c.prompt_tokens + len(c.token_ids),
+            "prompt_tokens_details": {"cached_tokens": c.cached_tokens}}
 
 
 def _entry(token_id: int, token: str, logprob: float, token_bytes: TokenBytes | None) -> dict:
