@@ -138,12 +138,34 @@ class TestOneProcessVersusN:
         assert info["kv_cache_bytes_per_rank"] == [kv * len(plan_shards(cfg, r, n).kv_heads) // cfg.num_kv_heads
                                                    for r in range(n)]
 
+    def test_follow_up_from_the_prefix_cache_equals_one_process(self, pair):
+        """Paged KV under tensor parallelism: the workers' pages follow rank 0's block tables, so a
+        follow-up served from the prefix cache is the same answer."""
+        single, parallel, _ = pair
+        image = ref.synthetic_image(80, 120, 9)
+        want = single.complete(image, "Describe the picture.", max_new_tokens=8, ignore_eos=True)
+        parallel.complete(image, "Describe the picture.", max_new_tokens=8, ignore_eos=True)
+        again = parallel.complete(image, "Describe the picture.", max_new_tokens=8, ignore_eos=True)
+        assert again.cached_tokens > 0 and again.token_ids == want.token_ids
+
     def test_one_engine_per_process(self, pair, tp_dirs):
         single, parallel, n = pair
         name = next(k for k, v in tp_dirs.items() if v == str(parallel.checkpoint.path))
         with pytest.raises(ConfigError, match="already running"):
             ovfast.load(tp_dirs[name], tensor_parallel_size=n, **ENGINE)
         assert parallel.complete(None, "Still fine?", max_new_tokens=3).finish_reason in ("stop", "length")
+
+
+def test_preemption_under_tensor_parallelism_equals_one_process(tp_dirs):
+    """A KV budget that forces preemptions: the workers recompute with rank 0 and every answer is
+    the one a roomy single-process engine gives."""
+    prompts = [(None, f"Tell a long story number {i}.", {"max_new_tokens": 40, "ignore_eos": True}) for i in range(3)]
+    with ovfast.load(tp_dirs["gqa-tied"], **ENGINE) as single:
+        want = [c.token_ids for c in single.complete_many(prompts)]
+    small = {**ENGINE, "kv_cache_tokens": 128, "kv_block_size": 16}
+    with ovfast.load(tp_dirs["gqa-tied"], tensor_parallel_size=2, **small) as parallel:
+        assert [c.token_ids for c in parallel.complete_many(prompts)] == want
+        assert parallel.stats()["preemptions"] > 0
 
 
 @pytest.mark.gpu

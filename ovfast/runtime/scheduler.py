@@ -299,23 +299,31 @@ class Scheduler:
                     job = self._jobs.popleft() if self._jobs else None
                     cancelled = [seq for seq in self._running.values()
                                  if seq not in admitted and (closing or seq.handle.cancelled)]
-                for seq in cancelled:
-                    seq.cancel()
-                    self._end_running(seq)
-                for seq in admitted:
-                    self._begin(seq)
-                if job is not None:
-                    self._run_job(*job)
-                self._prefill_piece()
-                queued = self._launch()
-                if in_flight is not None:
-                    self._collect(in_flight)
-                in_flight = queued
+                try:
+                    in_flight = self._turn(cancelled, admitted, job, in_flight)
+                except Exception as e:  # a defect of the loop itself: what runs fails, the loop goes on
+                    self._defect("the scheduler loop", e, list(self._running.values()))
+                    in_flight = None
                 if closing:
                     with self._cond:
                         if not self._running and in_flight is None:
                             self._thread = None
                             return
+
+    def _turn(self, cancelled: list[Sequence], admitted: list[Sequence], job, in_flight):
+        """One loop turn outside the lock; returns the step now in flight."""
+        for seq in cancelled:
+            seq.cancel()
+            self._end_running(seq)
+        for seq in admitted:
+            self._begin(seq)
+        if job is not None:
+            self._run_job(*job)
+        self._prefill_piece()
+        queued = self._launch()
+        if in_flight is not None:
+            self._collect(in_flight)
+        return queued
 
     def _wait_for_work(self, in_flight: bool) -> bool:
         """(holding the lock) Until there is something to do: False when the loop should exit."""
@@ -500,13 +508,11 @@ class Scheduler:
         seq.status = Status.DECODING
 
     def _launch(self):
-        active = self._grow(decoding(self._running))
-        if not active:
-            return None
         try:
-            return self.runner.launch(active)
+            active = self._grow(decoding(self._running))
+            return self.runner.launch(active) if active else None
         except Exception as e:
-            self._defect("a decode step", e, list(active.values()))
+            self._defect("a decode step", e, list(decoding(self._running).values()))
             return None
 
     def _collect(self, pending) -> None:

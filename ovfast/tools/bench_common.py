@@ -71,8 +71,10 @@ def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool,
     if compare and tensor_parallel_size > 1:
         raise SystemExit("ovfast bench: transformers runs the model on one device; with --tensor-parallel-size "
                          "add --no-transformers (and compare with a --tensor-parallel-size 1 run)")
+    # The caches off: a run repeats one request, and every repeat must do all of its work (the
+    # shared-media scenario measures the caches on against off).
     options = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
-                   tensor_parallel_size=tensor_parallel_size)
+                   tensor_parallel_size=tensor_parallel_size, prefix_caching=False, encoder_cache_tokens=0)
     if model in PRESETS:
         path = cache_dir() / f"bench-{model}-config"
         if not (path / "config.json").is_file():
