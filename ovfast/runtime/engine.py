@@ -301,8 +301,10 @@ class Engine:
                 "kv_cache_bytes_per_rank": [self.cache.nbytes] + [r["kv_cache_bytes"] for r in self._rank_reports[1:]]}
 
     def stats(self) -> dict:
-        """Now: running / waiting requests, free slots, KV tokens used of total; so far: requests
-        finished, tokens generated, time-to-first-token and inter-token latency percentiles (ms)."""
+        """Now: running / waiting requests, free slots, KV positions and pages used of the budget;
+        so far: prefix-cache hit and looked-up tokens, vision-cache hits and misses, preemptions,
+        requests finished, tokens generated, time-to-first-token and inter-token latency
+        percentiles (ms). docs/serving.md lists every key."""
         enc = self.runner.encoder_cache.stats()
         return {**self._scheduler.stats(), "encoder_cache_hits": enc["hits"], "encoder_cache_misses": enc["misses"],
                 "encoder_cache_tokens": enc["tokens"]}
