@@ -5,12 +5,14 @@
 Each row times the Triton kernel (and flash-attn where it is installed, for attention) and the
 torch reference of ``ovfast.ops`` on the same inputs with ``triton.testing.do_bench`` (median
 ms), and reports the physics: GB/s for the memory-bound kernels (norm, rope, silu_mul, decode
-attention: bytes that must cross HBM once) and TFLOP/s for prefill attention (4 L^2 d per head and
-sequence, halved when causal), each as a fraction of the H100 peaks we measured (about 3.0 TB/s
-copy, about 800 TFLOP/s dense bf16). Sizes: 0.5B (D 896, I 4864, 14/2 heads of 64) and 7B
-(D 3584, I 18944, 28/4 heads of 128); decode at 1k/4k/16k contexts for batch 1 and 8; prefill of
-a 3k-token prompt; SigLIP's 37 tiles of 729 tokens (16 heads of 72). Needs a CUDA GPU: elsewhere
-it says so and exits 0. A benchmark, not a test: nothing here asserts a time.
+attention: bytes that must cross HBM once) and TFLOP/s for prefill and chunk attention (4 L^2 d
+per head and sequence, halved when causal; for a chunk, its rows against the keys they see), each
+as a fraction of the H100 peaks we measured (about 3.0 TB/s copy, about 800 TFLOP/s dense bf16).
+Sizes: 0.5B (D 896, I 4864, 14/2 heads of 64) and 7B (D 3584, I 18944, 28/4 heads of 128); decode
+over a paged cache (shuffled pages of 16 and of 256 positions; flash-attn reads only the latter)
+at 1k/4k/16k contexts for batch 1 and 8; prompt chunks of 512/1024 tokens at positions 0, 3k and
+15k; prefill of a 3k-token prompt; SigLIP's 37 tiles of 729 tokens (16 heads of 72). Needs a CUDA
+GPU: elsewhere it says so and exits 0. A benchmark, not a test: nothing here asserts a time.
 """
 from __future__ import annotations
 
@@ -110,43 +112,79 @@ def bench_silu_mul(dtype, dev):
 
 
 def _attention_impls(name, args, kwargs):
-    """Triton, flash-attn when installed, and the torch reference for one attention op."""
+    """Triton, flash-attn when installed (and, for the paged ops, the pages are a multiple of 256
+    positions, all its paged path reads), and the torch reference for one attention op."""
     from ovfast import ops
     from ovfast.kernels import attention as routing
+    from ovfast.kernels.chunk_attention import attention_chunk
     from ovfast.kernels.decode_attention import attention_decode
     from ovfast.kernels.prefill_attention import attention_prefill
 
-    triton_fn = attention_prefill if name == "attention_prefill" else attention_decode
+    triton_fn = {"attention_prefill": attention_prefill, "attention_chunk": attention_chunk,
+                 "attention_decode": attention_decode}[name]
     impls = {"triton": lambda: triton_fn(*args, **kwargs)}
-    if routing.flash_attn_module() is not None:
-        fa = routing.flash_attn_module()
-        if name == "attention_prefill":
-            q, k, v, cu, max_len = args
-            impls["flash_attn"] = lambda: fa.flash_attn_varlen_func(
-                q, k, v, cu, cu, max_len, max_len, softmax_scale=kwargs.get("scale"), causal=kwargs["causal"])
-        else:
-            q, kc, vc, lens = args
+    fa = routing.flash_attn_module()
+    if fa is not None and name == "attention_prefill":
+        q, k, v, cu, max_len = args
+        impls["flash_attn"] = lambda: fa.flash_attn_varlen_func(
+            q, k, v, cu, cu, max_len, max_len, softmax_scale=kwargs.get("scale"), causal=kwargs["causal"])
+    elif fa is not None and args[1].shape[1] % routing.FLASH_ATTN_PAGE == 0:
+        if name == "attention_decode":
+            q, kc, vc, tables, lens = args
             impls["flash_attn"] = lambda: fa.flash_attn_with_kvcache(
-                q[:, None], kc[: q.shape[0]], vc[: q.shape[0]], cache_seqlens=lens, causal=True)
+                q[:, None], kc, vc, cache_seqlens=lens, block_table=tables[: q.shape[0]], causal=True)
+        else:
+            q, kc, vc, table, start = args
+            lens = torch.full((1,), start + q.shape[0], dtype=torch.int32, device=q.device)
+            impls["flash_attn"] = lambda: fa.flash_attn_with_kvcache(
+                q[None], kc, vc, cache_seqlens=lens, block_table=table[None], causal=True)
     ref = getattr(ops, name).reference
     impls["torch"] = lambda: ref(*args, **kwargs)
     return impls
 
 
+def _paged_cache(pages, block_size, hkv, hd, dtype, dev):
+    """k and v caches of ``pages`` pages plus the null block 0, and the page ids 1..pages in a
+    random order (a fragmented cache: no sequence's pages are adjacent)."""
+    kc = torch.randn(pages + 1, block_size, hkv, hd, dtype=dtype, device=dev)
+    ids = (torch.randperm(pages, device=dev) + 1).to(torch.int32)
+    return kc, torch.randn_like(kc), ids
+
+
 def bench_attention_decode(dtype, dev):
+    """Paged decode: B sequences of ctx positions each, tables as wide as the longest context, in
+    16-position pages (what the Triton path uses) and 256-position pages (what flash-attn needs)."""
     rows = []
-    s_max = 16384
+    s_max, max_b = 16384, 8
     for model, (_, _, hq, hkv, hd) in MODELS.items():
-        kc = torch.randn(8, s_max, hkv, hd, dtype=dtype, device=dev)
-        vc = torch.randn_like(kc)
-        for bsz in (1, 8):
-            q = torch.randn(bsz, hq, hd, dtype=dtype, device=dev)
-            for ctx in (1024, 4096, 16384):
-                lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
-                nbytes = 2 * bsz * ctx * hkv * hd * kc.element_size() + 2 * q.numel() * q.element_size()
-                impls = _attention_impls("attention_decode", (q, kc, vc, lens), {"scale": hd**-0.5})
-                rows.append(_row("attention_decode", f"{model} B={bsz} ctx={ctx} {hq}/{hkv}x{hd}", impls,
-                                 bytes_moved=nbytes))
+        for block_size in (16, 256):
+            width = s_max // block_size
+            kc, vc, ids = _paged_cache(max_b * width, block_size, hkv, hd, dtype, dev)
+            tables = ids.view(max_b, width)
+            for bsz in (1, 8):
+                q = torch.randn(bsz, hq, hd, dtype=dtype, device=dev)
+                for ctx in (1024, 4096, 16384):
+                    lens = torch.full((bsz,), ctx, dtype=torch.int32, device=dev)
+                    nbytes = 2 * bsz * ctx * hkv * hd * kc.element_size() + 2 * q.numel() * q.element_size()
+                    impls = _attention_impls("attention_decode", (q, kc, vc, tables, lens), {"scale": hd**-0.5})
+                    shape = f"{model} B={bsz} ctx={ctx} {hq}/{hkv}x{hd} pages={block_size}"
+                    rows.append(_row("attention_decode", shape, impls, bytes_moved=nbytes))
+    return rows
+
+
+def bench_attention_chunk(dtype, dev):
+    """Chunked prefill: a T-token chunk at position start of one sequence against its pages."""
+    rows = []
+    for model, (_, _, hq, hkv, hd) in MODELS.items():
+        for block_size in (16, 256):
+            for t, start in ((512, 0), (1024, 3072), (1024, 15360)):
+                pages = -(-(start + t) // block_size)
+                kc, vc, table = _paged_cache(pages, block_size, hkv, hd, dtype, dev)
+                q = torch.randn(t, hq, hd, dtype=dtype, device=dev)
+                flops = 4 * t * (start + (t + 1) / 2) * hd * hq  # QK^T and PV over the visible keys
+                impls = _attention_impls("attention_chunk", (q, kc, vc, table, start), {"scale": hd**-0.5})
+                rows.append(_row("attention_chunk", f"{model} T={t} start={start} {hq}/{hkv}x{hd} pages={block_size}",
+                                 impls, flops=flops))
     return rows
 
 
@@ -170,7 +208,8 @@ def bench_attention_prefill(dtype, dev):
 
 BENCHES = {
     "rms_norm": bench_rms_norm, "rope": bench_rope, "silu_mul": bench_silu_mul,
-    "attention_decode": bench_attention_decode, "attention_prefill": bench_attention_prefill,
+    "attention_decode": bench_attention_decode, "attention_chunk": bench_attention_chunk,
+    "attention_prefill": bench_attention_prefill,
 }
 
 

@@ -11,7 +11,13 @@ tested against ``ovfast.ops.<name>.reference`` under ``TRITON_INTERPRET=1`` on t
 from .anyres import anyres_tile, pad_square_tile, squash_tiles
 
 # Decoder kernels
-from .attention import attention_backend, attention_decode, attention_prefill
+from .attention import (
+    attention_backend,
+    attention_chunk,
+    attention_decode,
+    attention_prefill,
+    preferred_block_size,
+)
 from .bilinear_resize import bilinear_resize
 from .patch_embed import patch_embed
 from .projector import projector
@@ -20,6 +26,7 @@ from .rope import rope
 from .silu_mul import silu_mul
 
 __all__ = [
-    "anyres_tile", "attention_backend", "attention_decode", "attention_prefill", "bilinear_resize", "pad_square_tile",
-    "patch_embed", "projector", "rms_norm", "rope", "silu_mul", "squash_tiles",
+    "anyres_tile", "attention_backend", "attention_chunk", "attention_decode", "attention_prefill", "bilinear_resize",
+    "pad_square_tile", "patch_embed", "preferred_block_size", "projector", "rms_norm", "rope", "silu_mul",
+    "squash_tiles",
 ]

@@ -68,9 +68,14 @@ def test_chunked_prefill_attention_equals_one_pass():
     t, hq, hkv, d, start = 23, 6, 2, 16, 9
     q, k, v = torch.randn(t, hq, d), torch.randn(t, hkv, d), torch.randn(t, hkv, d)
     whole = ovfast.ops.attention_prefill(q, k, v, torch.tensor([0, t], dtype=torch.int32), t, causal=True)
-    cache_k, cache_v = torch.randn(40, hkv, d), torch.randn(40, hkv, d)  # garbage past the sequence
-    cache_k[:t], cache_v[:t] = k, v
-    part = ovfast.ops.attention_chunk(q[start:], cache_k, cache_v, start)
+    # A paged cache (pages of 8; 0 is the null block) with garbage outside the sequence: its 23
+    # positions live in pages 5, 2 and 4, in that order; the table's last entry is padding.
+    bs, table = 8, torch.tensor([5, 2, 4, 0], dtype=torch.int32)
+    cache_k, cache_v = torch.randn(7, bs, hkv, d), torch.randn(7, bs, hkv, d)
+    padded = -(-t // bs) * bs
+    cache_k[table[:3].long()] = torch.cat([k, torch.randn(padded - t, hkv, d)]).view(3, bs, hkv, d)
+    cache_v[table[:3].long()] = torch.cat([v, torch.randn(padded - t, hkv, d)]).view(3, bs, hkv, d)
+    part = ovfast.ops.attention_chunk(q[start:], cache_k, cache_v, table, start)
     torch.testing.assert_close(part, whole[start:], rtol=1e-5, atol=1e-5)
 
 

@@ -68,6 +68,7 @@ def main() -> int:
     silu = patch("ovfast.kernels.silu_mul", "_silu_mul_kernel")
     pre = patch("ovfast.kernels.prefill_attention", "_attention_prefill_kernel")
     dec = patch("ovfast.kernels.decode_attention", "_attention_decode_kernel", "_attention_decode_combine_kernel")
+    chunk = patch("ovfast.kernels.chunk_attention", "_attention_chunk_kernel")
     dec.num_sms = lambda device: 132  # H100 SXM
     bf16, f32 = torch.bfloat16, torch.float32
 
@@ -97,15 +98,32 @@ def main() -> int:
         cu = torch.tensor([0] + torch.tensor(seqlens).cumsum(0).tolist(), dtype=torch.int32)
         pre.attention_prefill(q, k, v, cu, max(seqlens), causal=causal)
 
-    for bsz, hq, hkv, d, s_max, dt in (
-        (1, 14, 2, 64, 16384, bf16), (8, 28, 4, 128, 4096, bf16), (64, 28, 4, 128, 1024, bf16),
-        (4, 64, 8, 128, 32768, f32), (2, 8, 8, 256, 512, bf16), (2, 8, 8, 256, 512, f32),
+    # Paged decode: (B, Hq, Hkv, d, longest sequence, page size, dtype); the tables' width sets the grid.
+    for bsz, hq, hkv, d, s_max, page, dt in (
+        (1, 14, 2, 64, 16384, 16, bf16), (8, 28, 4, 128, 4096, 16, bf16), (64, 28, 4, 128, 1024, 16, bf16),
+        (4, 64, 8, 128, 32768, 16, f32), (2, 8, 8, 256, 512, 16, bf16), (2, 8, 8, 256, 512, 16, f32),
+        (8, 28, 4, 128, 4096, 256, bf16),
     ):
-        cache = torch.empty(bsz, s_max, hkv, d, dtype=dt)
-        dec.attention_decode(torch.randn(bsz, hq, d, dtype=dt), cache, cache, torch.ones(bsz, dtype=torch.int32))
+        pages = triton.cdiv(s_max, page)
+        cache = torch.empty(bsz * pages + 1, page, hkv, d, dtype=dt)
+        tables = torch.zeros(bsz, pages, dtype=torch.int32)
+        dec.attention_decode(torch.randn(bsz, hq, d, dtype=dt), cache, cache, tables,
+                             torch.ones(bsz, dtype=torch.int32))
+
+    # Paged chunks: (T, start, Hq, Hkv, d, page size, dtype); short chunks shrink the query tile.
+    for t, start, hq, hkv, d, page, dt in (
+        (1, 8191, 14, 2, 64, 16, bf16), (512, 0, 28, 4, 128, 16, bf16), (1024, 3000, 64, 8, 128, 16, bf16),
+        (40, 100, 28, 4, 128, 16, bf16), (100, 50, 28, 4, 128, 16, f32), (64, 64, 8, 8, 256, 16, torch.float16),
+        (64, 0, 8, 8, 256, 16, f32), (2048, 1000, 28, 4, 128, 256, bf16),
+    ):
+        pages = triton.cdiv(start + t, page)
+        cache = torch.empty(pages + 1, page, hkv, d, dtype=dt)
+        qkv = torch.randn(t, (hq + 2 * hkv) * d, dtype=dt)
+        chunk.attention_chunk(qkv[:, : hq * d].view(t, hq, d), cache, cache,
+                              torch.arange(1, pages + 1, dtype=torch.int32), start)
 
     expected = {"_rms_norm_kernel", "_rope_kernel", "_silu_mul_kernel", "_attention_prefill_kernel",
-                "_attention_decode_kernel", "_attention_decode_combine_kernel"}
+                "_attention_decode_kernel", "_attention_decode_combine_kernel", "_attention_chunk_kernel"}
     missing = expected - set(compiled)
     assert not missing, f"never compiled: {missing}"
     print(f"compiled {len(compiled)} kernel variants for sm_90 (Triton {triton.__version__})")

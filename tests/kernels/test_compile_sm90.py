@@ -32,5 +32,5 @@ def test_decoder_kernels_compile_for_sm90():
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
     assert "kernel variants for sm_90" in done.stdout
     for name in ("_rms_norm_kernel", "_rope_kernel", "_silu_mul_kernel", "_attention_prefill_kernel",
-                 "_attention_decode_kernel", "_attention_decode_combine_kernel"):
+                 "_attention_decode_kernel", "_attention_decode_combine_kernel", "_attention_chunk_kernel"):
         assert name in done.stdout

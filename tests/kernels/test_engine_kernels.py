@@ -18,8 +18,10 @@ import torch
 import ovfast
 from ovfast.ops import backends
 
-N = 6  # new tokens: several decode steps over the static cache
-DECODER_OPS = ("rms_norm", "rope", "silu_mul", "attention_prefill", "attention_decode")
+N = 6  # new tokens: several decode steps over the paged cache
+DECODER_OPS = ("rms_norm", "rope", "silu_mul", "attention_prefill", "attention_chunk", "attention_decode")
+# What every generation runs; attention_chunk only runs for prompts split into several chunks.
+ALWAYS = tuple(op for op in DECODER_OPS if op != "attention_chunk")
 _cuda_engines: dict[str, ovfast.Engine] = {}
 
 
@@ -49,7 +51,7 @@ def kernel_calls(monkeypatch):
         yield calls
 
 
-def _ran(calls, names=DECODER_OPS):
+def _ran(calls, names=ALWAYS):
     missing = [n for n in names if calls[n] == 0]
     assert not missing, f"kernels never called: {missing}"
 
@@ -86,6 +88,18 @@ def test_complete_many_with_kernels(tiny, kernel_calls):
     got = engine.complete_many(requests, max_new_tokens=N)
     assert [c.token_ids for c in got] == expected
     _ran(kernel_calls)
+
+
+def test_chunked_prefill_with_kernels_matches_transformers(checkpoint_dirs, kernel_calls):
+    """A prompt fed in 7-token chunks: every chunk after the first attends to its cached pages
+    through the chunk kernel, and the greedy tokens stay transformers'."""
+    path = checkpoint_dirs["tiny"]
+    prompt = "Tell me a story about a lighthouse."
+    expected = ref.greedy(path, [], prompt, N)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with ovfast.load(path, device=device, dtype="float32", max_seq_len=4096, prefill_chunk=7) as engine:
+        assert engine.complete([], prompt, max_new_tokens=N).token_ids == expected
+    _ran(kernel_calls, DECODER_OPS)
 
 
 @pytest.mark.parametrize("case", ["text", "image"])
