@@ -70,3 +70,31 @@ def test_bench_tensor_parallel_refuses_a_transformers_comparison(tmp_path, monke
     monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
     with pytest.raises(SystemExit, match="--no-transformers"):
         main(["bench", "--model", "tiny", "--tensor-parallel-size", "2", "--out-dir", str(tmp_path / "out")])
+
+
+def test_shared_media_bench_tiny_caches_on_and_off(tmp_path, monkeypatch, capsys):
+    """Users sharing images, caches on then off in one run: follow-ups reuse the prefix cache only
+    when it is on, the vision cache hits only when it is on, and every answer is the same."""
+    monkeypatch.setenv("OVFAST_CACHE", str(tmp_path / "cache"))
+    assert main(["bench", "--model", "tiny", "--shared-media", "--users", "3", "--questions", "2", "--images", "2",
+                 "--turns", "2", "--new-tokens", "3", "--image-size", "64x48", "--quiet",
+                 "--out-dir", str(tmp_path / "out")]) == 0
+    (result,) = [json.loads(p.read_text()) for p in (tmp_path / "out").glob("*shared-media-u3-q2-i2-t2.json")]
+    assert result["identical"] and result["identical_answers"] == result["answers"] == 3 * (2 + 2)
+    on, off = result["on"], result["off"]
+    assert on["prefix_caching"] and not off["prefix_caching"] and off["encoder_cache_tokens"] == 0
+    for side in (on, off):
+        assert set(side["groups"]) == {"first", "follow_up", "chat_first", "chat_later"}
+        assert side["output_tokens"] == 3 * 4 * 3 and side["output_tokens_per_s"] > 0
+        for g in side["groups"].values():
+            assert g["ttft_ms"]["mean"] > 0 and g["engine_ttft_ms"]["mean"] > 0
+        assert set(side["cache"]) >= {"prefix_cache_hit_tokens", "prefix_cache_query_tokens", "encoder_cache_hits",
+                                      "encoder_cache_misses", "preemptions", "kv_blocks_used_peak", "kv_blocks_total"}
+    for g in ("follow_up", "chat_later"):
+        assert on["groups"][g]["cached_tokens"]["min"] > 0
+        assert off["groups"][g]["cached_tokens"]["max"] == 0
+    assert on["cache"]["prefix_cache_hit_tokens"] > 0 and off["cache"]["prefix_cache_hit_tokens"] == 0
+    assert on["cache"]["encoder_cache_hits"] > 0 and off["cache"]["encoder_cache_hits"] == 0
+    assert set(result["ttft_ratio_off_on"]) == {"first", "follow_up", "chat_first", "chat_later"}
+    assert result["ttft_ratio_off_on"]["follow_up"] > 0
+    assert "| follow-up question |" in capsys.readouterr().out

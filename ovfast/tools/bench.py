@@ -24,7 +24,7 @@ from ..errors import OvfastError
 from ..inputs.media import Video
 from ..terminal.progress import progress, set_enabled
 from ..runtime.engine import Engine
-from . import serving_bench
+from . import serving_bench, shared_media_bench
 from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, question, write_results
 from .demo import synthetic_image
 
@@ -235,7 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--request", default="image", choices=sorted(REQUESTS),
                    help="what to send: one photo, a 10-crop image, 8 images, a 32-frame video or text only")
     p.add_argument("--question-tokens", type=positive_int, default=20, help="length of the question in tokens")
-    p.add_argument("--new-tokens", type=positive_int, default=256, help="tokens generated per request (eos ignored)")
+    p.add_argument("--new-tokens", type=positive_int,
+                   help="tokens generated per request, eos ignored (default: 256; 16 with --shared-media)")
     p.add_argument("--repeat", type=positive_int, default=3, help="timed runs after the warm-up; the best is reported")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                    help="weights and activations (default: bfloat16 on a GPU, float32 on the CPU)")
@@ -247,13 +248,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out-dir", default="benchmarks/results", help="where the JSON and Markdown results go")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     serving_bench.add_arguments(p)
+    shared_media_bench.add_arguments(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     set_enabled(not args.quiet)
+    if args.shared_media and args.concurrency is not None:
+        build_parser().error("--shared-media and --concurrency are separate benchmarks; pick one")
+    if args.new_tokens is None:
+        args.new_tokens = 16 if args.shared_media else 256
     try:
+        if args.shared_media:
+            return shared_media_bench.main(args)
         if args.concurrency is not None:
             return serving_bench.main(args)
         result = run(args)

@@ -1,7 +1,8 @@
-"""What ``ovfast bench`` (bench.py) and its serving mode (serving_bench.py) share: the engine and
-transformers model a run measures, the question it asks, logging, argument checks and result files.
+"""What ``ovfast bench`` (bench.py) and its serving and shared-media modes (serving_bench.py,
+shared_media_bench.py) share: the engine and transformers model a run measures, the question it
+asks, logging, argument checks and result files.
 
-Both modules import this one and neither imports the other's internals.
+These modules import this one and none imports another's internals.
 """
 from __future__ import annotations
 
@@ -61,20 +62,22 @@ def question(engine: Engine, tokens: int) -> str:
 
 
 def prepare(model: str, device: torch.device, dtype: torch.dtype, compare: bool, max_seq_len: int,
-            max_batch_size: int = 1, tensor_parallel_size: int = 1):
+            max_batch_size: int = 1, tensor_parallel_size: int = 1, **engine_options):
     """(checkpoint dir, ovfast engine, transformers model or None) sharing one set of weights.
 
     A preset is a checkpoint directory without weights: ovfast makes random ones on its device
     (every tensor-parallel rank its own slice), or, to compare, takes transformers' random
-    weights so both run the same model."""
+    weights so both run the same model. ``engine_options``: more of ``load``'s options
+    (``prefix_caching``, ``encoder_cache_tokens``, ...)."""
     hf = None
     if compare and tensor_parallel_size > 1:
         raise SystemExit("ovfast bench: transformers runs the model on one device; with --tensor-parallel-size "
                          "add --no-transformers (and compare with a --tensor-parallel-size 1 run)")
-    # The caches off: a run repeats one request, and every repeat must do all of its work (the
-    # shared-media scenario measures the caches on against off).
+    # The caches off unless asked for: a run repeats one request, and every repeat must do all of
+    # its work (the shared-media scenario turns them on for one of its two engines).
     options = dict(device=device, dtype=dtype, max_batch_size=max_batch_size, max_seq_len=max_seq_len,
                    tensor_parallel_size=tensor_parallel_size, prefix_caching=False, encoder_cache_tokens=0)
+    options.update(engine_options)
     if model in PRESETS:
         path = cache_dir() / f"bench-{model}-config"
         if not (path / "config.json").is_file():
