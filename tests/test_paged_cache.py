@@ -144,3 +144,11 @@ def test_options_are_checked(checkpoint_dirs):
                 {"encoder_cache_tokens": -1}, {"prefix_caching": "yes"}):
         with pytest.raises(ovfast.ConfigError):
             _load(checkpoint_dirs["tiny"], **bad)
+
+
+def test_reset_caches_makes_the_next_request_cold(cached):
+    a = cached.complete(IMAGE, "Describe it.", max_new_tokens=4)
+    cached.reset_caches()
+    b = cached.complete(IMAGE, "Describe it.", max_new_tokens=4)
+    assert b.token_ids == a.token_ids and b.cached_tokens == 0
+    assert cached.stats()["encoder_cache_misses"] == 2

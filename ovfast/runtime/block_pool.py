@@ -249,9 +249,8 @@ class BlockPool:
         return True
 
     def reset(self) -> None:
-        """Forget every cached hash (e.g. after the weights change); only while no block is in use."""
-        if self._used:
-            raise ValueError(f"cannot reset the block pool while {self._used} blocks are in use")
+        """Forget every cached hash (e.g. after the weights change, or to measure cold requests).
+        Blocks in use stay with their owners, unhashed: they go back to blank when released."""
         self._blank.extend(self._lru.values())
         self._lru.clear()
         self._by_hash.clear()

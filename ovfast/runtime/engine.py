@@ -309,6 +309,11 @@ class Engine:
         return {**self._scheduler.stats(), "encoder_cache_hits": enc["hits"], "encoder_cache_misses": enc["misses"],
                 "encoder_cache_tokens": enc["tokens"]}
 
+    def reset_caches(self) -> None:
+        """Forget every cached prompt prefix and media feature (the next requests run cold, as for a
+        benchmark of uncached requests); requests running meanwhile are not disturbed."""
+        self._scheduler.reset_caches()
+
     def preprocess(self, images, *, dtype: torch.dtype | None = None, pin_memory: bool | None = None) -> list[torch.Tensor]:
         """Normalised pixel values of each item with this engine's settings (see ``ovfast.preprocess``).
 

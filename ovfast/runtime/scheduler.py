@@ -150,6 +150,14 @@ class Scheduler:
             self._wake()
         return fut.result()
 
+    def reset_caches(self) -> None:
+        """Forget the prefix cache and the vision cache, between steps; running requests go on."""
+        def reset():
+            self.pool.reset()
+            self.runner.encoder_cache.clear()
+
+        self.run_job(reset)
+
     def _cancelled(self, handle: RequestHandle) -> None:
         with self._cond:
             self._sweep = True
