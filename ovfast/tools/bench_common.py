@@ -10,6 +10,8 @@ import json
 import platform
 import re
 import sys
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +34,19 @@ def log(msg: str) -> None:
 def plural(n: int, noun: str) -> str:
     """``1 request``, ``2 requests``."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def run_threads(target: Callable[[int], None], n: int, bar, errors: list[BaseException], failed: str) -> None:
+    """``target(i)`` on n threads at once; then, if any recorded a failure in ``errors``, raise
+    the first (``failed``: what failed, e.g. "requests failed under load")."""
+    threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bar.close()
+    if errors:
+        raise RuntimeError(f"{len(errors)} {failed}; the first: {errors[0]!r}") from errors[0]
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:

@@ -23,7 +23,8 @@ import torch
 from ..terminal.arguments import non_negative_float, positive_int
 from ..inputs.media import Video
 from ..terminal.progress import progress
-from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, question, write_results
+from .bench_common import (device_and_dtype, device_name, log, peak_memory, plural, prepare, question, run_threads,
+                           write_results)
 from .demo import synthetic_image
 
 KINDS = ("text", "image", "video")
@@ -85,14 +86,7 @@ def run_load(engine, requests: list, prompt: str, new_tokens: int, clients: int,
             with lock:
                 bar.update()
 
-    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    bar.close()
-    if errors:
-        raise RuntimeError(f"{plural(len(errors), 'request')} failed under load; the first: {errors[0]!r}") from errors[0]
+    run_threads(client, clients, bar, errors, "request(s) failed under load")
     return results
 
 

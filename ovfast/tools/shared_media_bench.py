@@ -28,7 +28,7 @@ import torch
 from ..runtime.config import EngineConfig
 from ..terminal.arguments import positive_int
 from ..terminal.progress import progress
-from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, write_results
+from .bench_common import device_and_dtype, device_name, log, peak_memory, plural, prepare, run_threads, write_results
 from .demo import synthetic_image
 
 QUESTIONS = [
@@ -99,14 +99,7 @@ def workload(engine, images: list, users: int, questions: int, turns: int, new_t
         except BaseException as e:  # reported after the run; the other users go on
             errors.append(e)
 
-    threads = [threading.Thread(target=user, args=(u,), daemon=True) for u in range(users)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    bar.close()
-    if errors:
-        raise RuntimeError(f"{plural(len(errors), 'user')} failed; the first: {errors[0]!r}") from errors[0]
+    run_threads(user, users, bar, errors, "user(s) failed")
     return results
 
 
