@@ -73,22 +73,24 @@ class Engine:
 
         # The paged KV cache: its page size and budget are fixed before any process starts (every
         # tensor-parallel rank holds the same pages of its own heads).
+        self.device = loading.rank_device(config.tensor_parallel_size, self.device)
         plan = plan_shards(cfg.text, 0, config.tensor_parallel_size) if config.tensor_parallel_size > 1 else None
         block_size = config.kv_block_size or _preferred_block_size(self.device, self.dtype, cfg.text.head_dim)
         num_blocks, self.kv_info = loading.kv_budget(config, cfg, self.device, self.dtype, plan, max_seq_len, block_size)
         rows, max_blocks = config.max_batch_size, blocks_for(max_seq_len + 2, block_size)
+        self._scheduler: Scheduler | None = None
+        parallel = loading.start_tensor_parallel(
+            config.tensor_parallel_size, ckpt, cfg, self.device, self.dtype, config.semantics, weights is not None,
+            dict(rows=rows, num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
+                 max_positions=max_seq_len + 2), self._worker_died)
+        self.tp, self._workers, num_blocks = parallel.tp, parallel.workers, parallel.num_blocks
+        self.kv_info["kv_cache_tokens"] = (num_blocks - 1) * block_size
         # A request must fit the whole cache: prompt + answer + the position written ahead.
         self.context_limit = min(max_seq_len, (num_blocks - 1) * block_size - 1)
         self.requests = RequestBuilder(
             cfg, proc, self.tokenizer, ChatTemplate(template) if template else None,
             Limits(self.context_limit, config.max_images, config.max_video_frames),
         )
-        self._scheduler: Scheduler | None = None
-        parallel = loading.start_tensor_parallel(
-            config.tensor_parallel_size, ckpt, cfg, self.device, self.dtype, config.semantics, weights is not None,
-            dict(rows=rows, num_blocks=num_blocks, block_size=block_size, max_blocks=max_blocks,
-                 max_positions=max_seq_len + 2), self._worker_died)
-        self.device, self.tp, self._workers = parallel.device, parallel.tp, parallel.workers
         with self._on_device():
             built = loading.build_model(ckpt, cfg, self.device, self.dtype, parallel, weights)
             self.skipped_tensors, self._rank_reports, self.load_ms = built.skipped_tensors, built.rank_reports, built.load_ms

@@ -5,6 +5,7 @@ returns what it built or raises with nothing left running (workers killed, the g
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -31,7 +32,17 @@ class Parallel:
 
     tp: TensorParallel | None = None
     workers: tensor_parallel.Workers | None = None
-    device: torch.device | None = None  # under torchrun, rank r's own GPU
+    num_blocks: int = 0  # KV pages every rank holds (under torchrun, the fewest any rank can)
+
+
+def rank_device(size: int, device: torch.device) -> torch.device:
+    """The device this process runs on: under torchrun with ``size`` > 1 on CUDA, its rank's own
+    GPU (LOCAL_RANK), made current before anything measures or allocates memory."""
+    launched = environment.torchrun_rank()
+    if size > 1 and launched is not None and device.type == "cuda":
+        device = torch.device("cuda", launched[2])
+        torch.cuda.set_device(device)
+    return device
 
 
 def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig, device: torch.device,
@@ -44,19 +55,14 @@ def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig
     as the engine; a rank > 0 serves rank 0 and exits (SystemExit) when it closes.
     """
     if size == 1:
-        return Parallel(device=device)
+        return Parallel(num_blocks=cache["num_blocks"])
     check_parallel_size(model_config.text, size)
     if has_weights:
         raise ConfigError("weights= cannot be combined with tensor_parallel_size > 1: each rank reads its "
                           "shard from the checkpoint's safetensors files")
     launched = environment.torchrun_rank()
-    if launched is not None:
-        rank, world, local_rank = launched
-        if world != size:
-            raise ConfigError(f"tensor_parallel_size {size} but torchrun started {world} processes")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
+    if launched is not None and launched[1] != size:
+        raise ConfigError(f"tensor_parallel_size {size} but torchrun started {launched[1]} processes")
     tensor_parallel.check_devices(1 if launched else size, device)
     tensor_parallel.check_free(size)
     spec = tensor_parallel.WorkerSpec(
@@ -64,9 +70,11 @@ def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig
         device_type=device.type, first_gpu=device.index or 0, **cache)
     if launched is not None:
         tp = tensor_parallel.join(launched[0], size, device)
+        # Each rank sized its cache from its own free memory: all hold the fewest pages any can.
+        spec = dataclasses.replace(spec, num_blocks=tensor_parallel.fewest(tp, spec.num_blocks))
         if tp.rank > 0:
             raise SystemExit(tensor_parallel.serve(tp, spec, device))  # returns when rank 0 closes
-        return Parallel(tp, tensor_parallel.Workers(tp, None, on_death), device)
+        return Parallel(tp, tensor_parallel.Workers(tp, None, on_death), spec.num_blocks)
     launch = tensor_parallel.Launch(size, spec)
     try:
         launch.wait_joined()
@@ -74,7 +82,7 @@ def start_tensor_parallel(size: int, ckpt: Checkpoint, model_config: ModelConfig
     except BaseException:
         launch.kill()
         raise
-    return Parallel(tp, tensor_parallel.Workers(tp, launch, on_death), device)
+    return Parallel(tp, tensor_parallel.Workers(tp, launch, on_death), spec.num_blocks)
 
 
 @dataclass

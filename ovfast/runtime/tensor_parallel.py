@@ -272,6 +272,13 @@ def build_shard(spec: WorkerSpec, tp: TensorParallel, device: torch.device):
     return lm, cache, runner
 
 
+def fewest(tp: TensorParallel, n: int) -> int:
+    """The smallest ``n`` over the ranks (each passes its own), on the control group."""
+    t = torch.tensor([n], dtype=torch.long)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=tp.control)
+    return int(t)
+
+
 def parameter_bytes(module: torch.nn.Module) -> int:
     """Bytes of ``module``'s parameters, a tied one counted once."""
     return sum(p.numel() * p.element_size() for p in {id(p): p for p in module.parameters()}.values())
