@@ -36,9 +36,10 @@ def plural(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
-def run_threads(target: Callable[[int], None], n: int, bar, errors: list[BaseException], failed: str) -> None:
+def run_threads(target: Callable[[int], None], n: int, bar, errors: list[BaseException], noun: str,
+                where: str = "") -> None:
     """``target(i)`` on n threads at once; then, if any recorded a failure in ``errors``, raise
-    the first (``failed``: what failed, e.g. "requests failed under load")."""
+    the first ("2 requests failed under load; the first: ...")."""
     threads = [threading.Thread(target=target, args=(i,), daemon=True) for i in range(n)]
     for t in threads:
         t.start()
@@ -46,7 +47,7 @@ def run_threads(target: Callable[[int], None], n: int, bar, errors: list[BaseExc
         t.join()
     bar.close()
     if errors:
-        raise RuntimeError(f"{len(errors)} {failed}; the first: {errors[0]!r}") from errors[0]
+        raise RuntimeError(f"{plural(len(errors), noun)} failed{where}; the first: {errors[0]!r}") from errors[0]
 
 
 def device_and_dtype(args) -> tuple[torch.device, torch.dtype]:

@@ -86,7 +86,7 @@ def run_load(engine, requests: list, prompt: str, new_tokens: int, clients: int,
             with lock:
                 bar.update()
 
-    run_threads(client, clients, bar, errors, "request(s) failed under load")
+    run_threads(client, clients, bar, errors, "request", " under load")
     return results
 
 

@@ -99,7 +99,7 @@ def workload(engine, images: list, users: int, questions: int, turns: int, new_t
         except BaseException as e:  # reported after the run; the other users go on
             errors.append(e)
 
-    run_threads(user, users, bar, errors, "user(s) failed")
+    run_threads(user, users, bar, errors, "user")
     return results
 
 
