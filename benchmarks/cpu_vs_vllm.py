@@ -369,8 +369,11 @@ def complete(client, messages: list[dict], max_tokens: int) -> dict:
 
 def concurrent_images(client, urls: list[str], concurrency: int, max_tokens: int) -> dict:
     t0 = time.perf_counter()
-    with cf.ThreadPoolExecutor(concurrency) as pool:
+    pool = cf.ThreadPoolExecutor(concurrency)
+    try:
         results = list(pool.map(lambda u: complete(client, image_messages(u), max_tokens), urls))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)  # interrupted: do not wait for the requests in flight
     wall = time.perf_counter() - t0
     tokens = sum(r["completion_tokens"] for r in results)
     return {"requests": len(urls), "concurrency": concurrency, "wall_s": wall, "output_tokens": tokens,
@@ -387,9 +390,19 @@ def drive(url: str, args, images: dict) -> dict:
     complete(client, [{"role": "user", "content": "Hi"}], 2)
     out = {}
     log("  (a) one streamed image request")
-    out["stream"] = streamed(client, image_messages(images["stream"]), args.max_tokens)
-    log(f"      TTFT {out['stream']['ttft_ms']:.0f} ms, decode {out['stream']['decode_tokens_per_s'] or 0:.2f} tok/s, "
-        f"{out['stream']['prompt_tokens']} prompt tokens")
+    st = out["stream"] = streamed(client, image_messages(images["stream"]), args.max_tokens)
+    # Random weights may answer with tokens whose bytes are not whole characters for a while:
+    # both servers hold such text back, so the first text delta can come long after the first
+    # token. A 1-token request on an image of the same size (another one: no cache can serve it)
+    # times the first token whatever it decodes to.
+    first = complete(client, image_messages(images["first_token"]), 1)
+    st["ttft_1token_ms"] = first["latency_ms"]
+    tokens = st["completion_tokens"]
+    after = st["total_ms"] - first["latency_ms"]
+    st["decode_tokens_per_s_from_1token"] = (tokens - 1) / (after / 1e3) if tokens and tokens > 1 and after > 0 else None
+    log(f"      TTFT {st['ttft_ms']:.0f} ms to the first text, {first['latency_ms']:.0f} ms for a 1-token request; "
+        f"decode {_fmt(st['decode_tokens_per_s'])} tok/s between text deltas, "
+        f"{_fmt(st['decode_tokens_per_s_from_1token'])} tok/s after the 1-token TTFT; {st['prompt_tokens']} prompt tokens")
     log(f"  (b) {args.requests} image requests at concurrency {args.concurrency}")
     out["concurrent"] = concurrent_images(client, images["batch"], args.concurrency, args.max_tokens)
     log(f"      {out['concurrent']['output_tokens_per_s']:.2f} output tok/s in {out['concurrent']['wall_s']:.1f} s")
@@ -423,7 +436,9 @@ def _median(rounds: list[dict], key) -> float | None:
 METRICS = [  # name, how to read it off a round, better when
     ("start_to_healthy_s", lambda r: r["start_to_healthy_s"], "lower"),
     ("ttft_ms", lambda r: r["stream"]["ttft_ms"], "lower"),
+    ("ttft_1token_ms", lambda r: r["stream"].get("ttft_1token_ms"), "lower"),
     ("decode_tokens_per_s", lambda r: r["stream"]["decode_tokens_per_s"], "higher"),
+    ("decode_tokens_per_s_from_1token", lambda r: r["stream"].get("decode_tokens_per_s_from_1token"), "higher"),
     ("stream_total_ms", lambda r: r["stream"]["total_ms"], "lower"),
     ("concurrent_output_tokens_per_s", lambda r: r["concurrent"]["output_tokens_per_s"], "higher"),
     ("concurrent_wall_s", lambda r: r["concurrent"]["wall_s"], "lower"),
@@ -493,10 +508,14 @@ def markdown(result: dict) -> str:
              f"{result['cpu_model']}; {a['threads']} threads each (cores {a['cpu_list']}). Checkpoint: random weights, "
              f"llava-hf layout (`ovfast build-checkpoint --preset {a['preset']}`). Greedy, ignore_eos, {a['max_tokens']} new "
              f"tokens per request; prefix and encoder caches off on both; {a['rounds']} alternating round(s), medians. "
-             f"(a) one streamed request, one {a['image_size']} PNG image: TTFT to the first text delta, decode "
-             f"tokens/s = (tokens - 1) / (last - first delta); (b) {a['requests']} image requests (each its own "
+             f"(a) one streamed request, one {a['image_size']} PNG image: ttft_ms to the first text delta, decode "
+             f"tokens/s = (tokens - 1) / (last - first delta); ttft_1token_ms: a max_tokens=1 request on another "
+             f"image of that size, and decode_tokens_per_s_from_1token = (tokens - 1) / (stream total - that) "
+             f"(random weights can answer with bytes that are no whole characters yet: both servers hold such "
+             f"text back, so the first text delta may come late); (b) {a['requests']} image requests (each its own "
              f"image) at concurrency {a['concurrency']}: output tokens/s; (c) one text request. Ratio = ovfast / "
-             f"vLLM: <= 1 is good for times, >= 1 for rates. Wall time of the whole run: {result['wall_s']:.0f} s.", ""]
+             f"vLLM: <= 1 is good for times, >= 1 for rates. Wall time of the whole run: {result['wall_s']:.0f} s; "
+             f"load average before / after: {result['loadavg_before'][0]:.2f} / {result['loadavg_after'][0]:.2f}.", ""]
     if result.get("vllm_error"):
         lines += [f"**vLLM did not run**: {result['vllm_error']}", ""]
     for dtype, s in result["summary"].items():
@@ -590,6 +609,7 @@ def main(argv=None) -> int:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, on_sigterm)
+    load_before = os.getloadavg()
     vllm, vllm_error, vllm_version = None, None, None
     servers = [n.strip() for n in args.servers.split(",") if n.strip()]
     if args.no_vllm:
@@ -604,7 +624,7 @@ def main(argv=None) -> int:
     if args.setup_only:
         return 0 if vllm_error is None else 1
 
-    images = {"stream": synthetic_png(0, args.image_wh),
+    images = {"stream": synthetic_png(0, args.image_wh), "first_token": synthetic_png(1000, args.image_wh),
               "batch": [synthetic_png(1 + i, args.image_wh) for i in range(args.requests)]}
     stamp = time.strftime("%Y%m%d-%H%M%S")
     runs: dict = {}
@@ -630,6 +650,7 @@ def main(argv=None) -> int:
         "cpu_model": cpu_model(), "torch_ovfast": torch.__version__, "ovfast_commit": _git_commit(),
         "vllm_version": vllm_version,
         "vllm_error": vllm_error, "wall_s": time.monotonic() - t_start,
+        "loadavg_before": load_before, "loadavg_after": os.getloadavg(),
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("image_wh",)},
         "summary": summarise(runs), "runs": runs,
     }
