@@ -330,12 +330,15 @@ def _params(max_tokens: int) -> dict:
 
 
 def streamed(client, messages: list[dict], max_tokens: int) -> dict:
-    """TTFT (to the first non-empty text delta) and decode tokens/s of one streamed request."""
+    """One streamed request: the time to the first non-empty text delta and the decode rate between
+    text deltas (None where the text came in one delta or none: random weights can answer with
+    special tokens, which both servers drop from the text, or with bytes that are no whole
+    characters yet, which they hold back), and the time to the end of the stream."""
     t0 = time.perf_counter()
     stream = client.chat.completions.create(messages=messages, stream=True, stream_options={"include_usage": True},
                                             **_params(max_tokens))
     first = last = None
-    text, usage = [], None
+    text, usage, deltas = [], None, 0
     for chunk in stream:
         if chunk.usage is not None:
             usage = chunk.usage
@@ -345,17 +348,18 @@ def streamed(client, messages: list[dict], max_tokens: int) -> dict:
                 now = time.perf_counter()
                 first = now if first is None else first
                 last = now
+                deltas += 1
                 text.append(piece)
-    if first is None:
-        raise RuntimeError("the stream carried no text")
+    end = time.perf_counter()
     tokens = usage.completion_tokens if usage is not None else None
-    decode_s = last - first
+    decode_s = (last - first) if first is not None else 0.0
     return {
-        "ttft_ms": (first - t0) * 1e3,
+        "ttft_ms": (first - t0) * 1e3 if first is not None else None,
         "completion_tokens": tokens,
         "prompt_tokens": usage.prompt_tokens if usage is not None else None,
-        "decode_tokens_per_s": (tokens - 1) / decode_s if tokens and tokens > 1 and decode_s > 0 else None,
-        "total_ms": (last - t0) * 1e3,
+        "text_deltas": deltas,
+        "decode_tokens_per_s": (tokens - 1) / decode_s if tokens and tokens > 1 and decode_s > 0 and deltas > 2 else None,
+        "total_ms": (end - t0) * 1e3,
         "text": "".join(text),
     }
 
@@ -400,7 +404,7 @@ def drive(url: str, args, images: dict) -> dict:
     tokens = st["completion_tokens"]
     after = st["total_ms"] - first["latency_ms"]
     st["decode_tokens_per_s_from_1token"] = (tokens - 1) / (after / 1e3) if tokens and tokens > 1 and after > 0 else None
-    log(f"      TTFT {st['ttft_ms']:.0f} ms to the first text, {first['latency_ms']:.0f} ms for a 1-token request; "
+    log(f"      TTFT {_fmt(st['ttft_ms'])} ms to the first text ({st['text_deltas']} text deltas), {first['latency_ms']:.0f} ms for a 1-token request; "
         f"decode {_fmt(st['decode_tokens_per_s'])} tok/s between text deltas, "
         f"{_fmt(st['decode_tokens_per_s_from_1token'])} tok/s after the 1-token TTFT; {st['prompt_tokens']} prompt tokens")
     log(f"  (b) {args.requests} image requests at concurrency {args.concurrency}")
