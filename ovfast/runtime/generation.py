@@ -141,7 +141,6 @@ class Sequence:
     registered: int = 0  # pages whose hash the pool knows (full and written)
     cached_tokens: int = 0  # prompt positions whose KV came from the prefix cache (first admission)
     resuming: bool = False  # preempted earlier: its prefill recomputes prompt + answer so far, chooses nothing
-    preemptions: int = 0
     embeds: torch.Tensor | None = None  # the prompt's input rows (media merged) until prefilled
     prefilled: int = 0  # prompt positions already in the cache
     length: int = 0  # positions of this sequence already in the cache

@@ -13,10 +13,6 @@ import torch
 from ..checkpoint.config import TextConfig
 
 
-def round_up(n: int, multiple: int) -> int:
-    return (n + multiple - 1) // multiple * multiple
-
-
 def blocks_for(tokens: int, block_size: int) -> int:
     """Pages that hold ``tokens`` positions."""
     return -(-tokens // block_size)

@@ -74,7 +74,7 @@ def victim(running: dict[int, Sequence]) -> Sequence | None:
     return max(running.values(), key=lambda seq: seq.submitted, default=None)
 
 
-def prefix_blocks(hashes: list[bytes], cached: list[int], context: int, block_size: int) -> list[int]:
+def prefix_blocks(cached: list[int], context: int, block_size: int) -> list[int]:
     """The cached pages a sequence reuses: the matched ones, short of the page holding its last
     context position (that token is always recomputed: its logits choose the next token)."""
     return cached[: min(len(cached), (context - 1) // block_size)]
@@ -365,12 +365,10 @@ class Scheduler:
         """Pages for ``seq``'s context: the cached prefix reused, the rest allocated. False (and
         nothing taken) when they do not fit beside the watermark."""
         context = seq.context_ids()
-        if self.prefix_caching and len(seq.block_hashes) < len(context) // self.block_size:
-            spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
-            seq.block_hashes += block_hashes(context, spans, self.block_size, parent=seq.block_hashes[-1] if seq.block_hashes else None,
-                                             first_block=len(seq.block_hashes))
-        cached = prefix_blocks(seq.block_hashes, self.pool.match(seq.block_hashes), len(context),
-                               self.block_size) if self.prefix_caching else []
+        cached = []
+        if self.prefix_caching:
+            self._hash_pages(seq, context)
+            cached = prefix_blocks(self.pool.match(seq.block_hashes), len(context), self.block_size)
         fresh = blocks_for(len(context), self.block_size) - len(cached)
         reserve = self.watermark if self._running else 0
         revived = sum(self.pool.refcount(b) == 0 for b in cached)  # cached-free pages leave the free count
@@ -386,6 +384,14 @@ class Scheduler:
             self._prefix_queries += len(context)
         return True
 
+    def _hash_pages(self, seq: Sequence, ids: list[int]) -> None:
+        """Extend ``seq.block_hashes`` to every full page of ``ids`` (its prompt and answer so far)."""
+        if len(seq.block_hashes) >= len(ids) // self.block_size:
+            return
+        spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
+        seq.block_hashes += block_hashes(ids, spans, self.block_size, first_block=len(seq.block_hashes),
+                                         parent=seq.block_hashes[-1] if seq.block_hashes else None)
+
     def _register_full_pages(self, seq: Sequence) -> None:
         """Hash and publish the pages of ``seq`` now full and written (prompt or answer), so later
         requests with the same prefix (a follow-up question, the next turn of a chat) reuse them."""
@@ -395,11 +401,7 @@ class Scheduler:
         full = min(written // self.block_size, len(seq.blocks))
         if full <= seq.registered:
             return
-        if len(seq.block_hashes) < full:
-            ids = (seq.request.input_ids + seq.tokens)[: full * self.block_size]
-            spans = [MediaSpan(a, b, item.key) for (a, b), item in zip(seq.request.spans, seq.request.items)]
-            seq.block_hashes += block_hashes(ids, spans, self.block_size, parent=seq.block_hashes[-1] if seq.block_hashes else None,
-                                             first_block=len(seq.block_hashes))
+        self._hash_pages(seq, (seq.request.input_ids + seq.tokens)[: full * self.block_size])
         for i in range(seq.registered, full):
             self.pool.register(seq.blocks[i], seq.block_hashes[i])
         seq.registered = full
@@ -441,7 +443,6 @@ class Scheduler:
             seq.resuming = bool(seq.tokens)
             seq.block_hashes = seq.block_hashes[: len(seq.context_ids()) // self.block_size]
             seq.status = Status.READY
-            seq.preemptions += 1
             self._preemptions += 1
             self._holding += 1
             self._ready.appendleft(seq)
