@@ -29,7 +29,8 @@ setup(
         "ovfast.ops", "ovfast.runtime", "ovfast.server", "ovfast.settings", "ovfast.testing", "ovfast.tools",
     ],
     package_dir={"ovfast": "ovfast", "ovfast.kernels": "kernels"},
-    package_data={"ovfast": ["py.typed"]},
+    # the CPU kernels' source: compiled on first use against the installed torch (ovfast/ops/cpu_native.py)
+    package_data={"ovfast": ["py.typed"], "ovfast.ops": ["cpu_kernels.cpp"]},
     ext_modules=[ext],
     cmdclass={"build_ext": OptionalBuildExt},
 )

@@ -103,7 +103,7 @@ class Qwen2DecoderLayer(nn.Module):
             residual, x = h, ops.rms_norm(h, self.input_layernorm, cfg.rms_norm_eps)
         else:
             x, residual = ops.rms_norm(h, self.input_layernorm, cfg.rms_norm_eps, residual)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias)
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         n = h.shape[0]
         q = q.view(n, self.heads, cfg.head_dim)
@@ -119,9 +119,9 @@ class Qwen2DecoderLayer(nn.Module):
             attn = ops.attention_prefill(q, k, v, batch.cu_seqlens, batch.max_seqlen, causal=True, scale=scale)
         else:
             attn = ops.attention_decode(q, k_cache, v_cache, batch.block_tables, batch.seq_lens, scale=scale)
-        h = self._reduce(F.linear(attn.reshape(n, self.q_size), self.o_weight))
+        h = self._reduce(ops.linear(attn.reshape(n, self.q_size), self.o_weight))
         x, residual = ops.rms_norm(h, self.post_attention_layernorm, cfg.rms_norm_eps, residual)
-        h = self._reduce(F.linear(ops.silu_mul(F.linear(x, self.gate_up_weight)), self.down_weight))
+        h = self._reduce(ops.linear(ops.silu_mul(ops.linear(x, self.gate_up_weight)), self.down_weight))
         return h, residual
 
     def _reduce(self, partial: torch.Tensor) -> torch.Tensor:
@@ -171,15 +171,22 @@ class Qwen2ForCausalLM(nn.Module):
 
         k_cache and v_cache are (layers, num_blocks, block_size, kv_heads, head_dim) (this rank's kv heads).
         """
-        residual = None
-        for i, layer in enumerate(self.layers):
-            h, residual = layer(h, residual, batch, k_cache[i], v_cache[i], self.cos_sin)
+        fused = None
+        if not batch.is_prefill and self.tp is None and len(self.layers) and ops.fused_decode(h.device):
+            # CPU: the whole layer stack in one kernel call (ovfast.ops.cpu_native.decode_layers)
+            fused = ops.cpu_native.decode_layers(self.layers, h, batch, k_cache, v_cache, self.cos_sin)
+        if fused is not None:
+            h, residual = fused
+        else:
+            residual = None
+            for i, layer in enumerate(self.layers):
+                h, residual = layer(h, residual, batch, k_cache[i], v_cache[i], self.cos_sin)
         h, _ = ops.rms_norm(h, self.norm, self.cfg.rms_norm_eps, residual)
         return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """fp32 logits over the (padded) vocabulary; under tensor parallelism gathered from every rank."""
-        x = F.linear(h, self.lm_head)
+        x = ops.linear(h, self.lm_head)
         if self.tp is not None:
             x = self.tp.gather_columns(x)[:, : self.cfg.vocab_size]
         return x.float()

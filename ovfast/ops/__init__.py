@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from . import cpu_native
 from .backends import kernel_for
 from .torch_ops import (
     DISPATCHED,
@@ -16,6 +17,7 @@ from .torch_ops import (
     attention_decode,
     attention_prefill,
     bilinear_resize,
+    linear,
     patch_embed,
     projector,
     rms_norm,
@@ -26,13 +28,20 @@ from .torch_ops import (
 )
 
 
+def fused_decode(device: torch.device) -> bool:
+    """Whether a decode step's layers may run as one call of ``cpu_native.decode_layers`` (CPU
+    tensors with the CPU kernels on; it still declines inputs it does not cover)."""
+    return device.type == "cpu" and kernel_for("linear", device) is not None
+
+
 def report(device: torch.device | str) -> dict[str, str]:
-    """Which implementation each op uses on ``device``: "triton" or "torch"."""
+    """Which implementation each op uses on ``device``: "triton", "cpu" (compiled CPU kernels) or "torch"."""
     device = torch.device(device)
-    return {name: ("triton" if kernel_for(name, device) else "torch") for name in DISPATCHED}
+    return {name: (("cpu" if device.type == "cpu" else "triton") if kernel_for(name, device) else "torch")
+            for name in DISPATCHED}
 
 
 __all__ = [
-    "DISPATCHED", "attention_chunk", "attention_decode", "attention_prefill", "bilinear_resize", "patch_embed", "projector", "report",
+    "DISPATCHED", "attention_chunk", "cpu_native", "fused_decode", "attention_decode", "attention_prefill", "bilinear_resize", "linear", "patch_embed", "projector", "report",
     "rms_norm", "rope", "rope_cos_sin_cache", "sample", "silu_mul",
 ]

@@ -6,7 +6,9 @@ of the torch body (which stays available as ``op.reference``, the kernels' test 
 
 ``OVFAST_KERNELS`` picks the mode at start-up; ``set_kernel_mode`` / ``kernel_mode`` change it:
 
-* ``auto`` (default): Triton kernels for CUDA tensors when Triton is installed, torch otherwise;
+* ``auto`` (default): Triton kernels for CUDA tensors when Triton is installed; for CPU tensors
+  ovfast's compiled CPU kernels (``cpu_native``) where it has the op and could build them;
+  torch otherwise;
 * ``triton``: Triton kernels for every tensor (CPU tensors need ``TRITON_INTERPRET=1``: tests);
 * ``torch``: plain torch everywhere.
 
@@ -89,10 +91,18 @@ def _kernels():
 
 
 def kernel_for(name: str, device: torch.device) -> Callable | None:
-    """The Triton implementation of op ``name`` for tensors on ``device``, or None for the torch one."""
+    """The Triton (or, on the CPU, compiled CPU) implementation of op ``name`` for tensors on
+    ``device``, or None for the torch one."""
     if not use_triton(device):
-        return None
+        return _cpu_kernel(name) if device.type == "cpu" and KERNELS.value == "auto" else None
     return getattr(_kernels(), name, None)
+
+
+def _cpu_kernel(name: str) -> Callable | None:
+    from . import cpu_native
+
+    impl = getattr(cpu_native, name, None)
+    return impl if impl is not None and name in cpu_native.OPS and cpu_native.available() else None
 
 
 def dispatch(fn: Callable) -> Callable:

@@ -18,7 +18,7 @@ from .backends import dispatch
 
 DISPATCHED = (
     "patch_embed", "bilinear_resize", "projector", "rms_norm", "rope", "silu_mul", "attention_prefill",
-    "attention_chunk", "attention_decode",
+    "attention_chunk", "attention_decode", "linear",
 )
 
 
@@ -115,6 +115,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cach
         x1, x2 = x[..., :half], x[..., half:]
         rotated = torch.cat((x1 * cos + (-x2) * sin, x2 * cos + x1 * sin), dim=-1)
         x.copy_(rotated)
+
+
+@dispatch
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``: the decoder's projections, behind one name so the CPU can run its GEMV kernel."""
+    return F.linear(x, weight, bias)
 
 
 @dispatch

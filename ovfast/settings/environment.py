@@ -25,11 +25,12 @@ _MEANINGS = {
     "OVFAST_KERNELS": "start-up kernel mode: auto (Triton on CUDA), triton or torch",
     "OVFAST_ATTENTION": "start-up attention backend: auto, flash_attn, triton or torch",
     "OVFAST_CUDA_GRAPHS": "0 turns CUDA-graph capture of the decode step off (default on)",
+    "OVFAST_CPU_KERNELS": "0 keeps the CPU decode on plain torch ops instead of ovfast's compiled CPU kernels (default on)",
     "OVFAST_NATIVE": "0 forces the pure-Python preprocessing instead of ovfast._C (default native)",
     "OVFAST_PREPROCESS_THREADS": "threads of the native preprocessing (default: the usable CPUs)",
     "OVFAST_TP_TIMEOUT_S": "seconds a tensor-parallel data collective may wait before failing (default 600)",
     "OVFAST_TP_JOIN_TIMEOUT_S": "seconds tensor-parallel workers get to start and meet (default 300)",
-    "OVFAST_CACHE": "cache directory of the demo and bench checkpoints (default ~/.cache/ovfast)",
+    "OVFAST_CACHE": "cache directory of the demo and bench checkpoints and the compiled CPU kernels (default ~/.cache/ovfast)",
     "OVFAST_API_KEY": "the key `ovfast serve` requires when --api-key is not given",
     "RANK": "torchrun: this process's rank",
     "WORLD_SIZE": "torchrun: the number of ranks",
@@ -106,6 +107,11 @@ def triton_interpret() -> bool:
     return _get("TRITON_INTERPRET") not in (None, "", "0")
 
 
+def cpu_kernels() -> bool:
+    """OVFAST_CPU_KERNELS: whether CPU tensors may use ovfast's compiled CPU kernels ("0": plain torch)."""
+    return _off_if_zero("OVFAST_CPU_KERNELS")
+
+
 # --- preprocessing ---------------------------------------------------------------------------------
 
 
@@ -175,7 +181,8 @@ def default_nccl_socket_ifname(interface: str) -> None:
 
 
 def cache_dir() -> Path:
-    """OVFAST_CACHE: where the demo and bench keep the checkpoints they build (default ~/.cache/ovfast)."""
+    """OVFAST_CACHE: where the demo and bench keep the checkpoints they build and the CPU kernels are
+    compiled to (default ~/.cache/ovfast)."""
     raw = _get("OVFAST_CACHE")
     return Path(raw) if raw is not None else Path.home() / ".cache" / "ovfast"
 

@@ -1,0 +1,505 @@
+// ovfast's CPU kernels for the decode step: what a batch of a few rows spends its time on.
+//
+// Built on first use by ovfast/ops/cpu_native.py (g++ against the installed torch, -march=native,
+// -ffp-contract=off) and registered as torch ops under the namespace "ovfast_cpu". Every op here
+// has a plain-torch twin in ovfast/ops/torch_ops.py that is its reference in the tests.
+//
+// small_linear: y = x W^T (+ b) for x with a few rows (decode), W (N, K) as loaded (fp32 or
+// bf16, no repacking). A GEMV is bound by reading W once: the weight rows are split across the
+// threads in contiguous ranges, four rows at a time, every x row reusing the four rows' loads.
+// Accumulation is in fp32; bf16 weights are widened on the fly (exact), the output rounded once.
+//
+// rms_norm, rope: torch's op sequence in one pass, rounding to the activation dtype wherever the
+// torch version stores an intermediate in it (so bf16 results match it, not just approximately).
+//
+// attention_decode: one query per sequence against its pages, read in place through the block
+// table (no gather of the whole context into a temporary), one (row, kv head) per task.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <c10/util/BFloat16.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <tuple>
+#include <vector>
+
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+#include <immintrin.h>
+#define OVFAST_AVX512 1
+#endif
+
+namespace {
+
+using bf16 = c10::BFloat16;
+
+#ifdef OVFAST_AVX512
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const bf16* p, __mmask16 m) {
+  __m256i v = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// out[m][r] = dot(X row m, W row r) for R weight rows (stride ldw) and MT x rows (fp32, stride K).
+template <typename W, int MT, int R>
+inline void dot_rows(const float* X, int64_t K, const W* w, int64_t ldw, float out[][4]) {
+  __m512 acc[MT][R];
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 wv[R];
+    // The next block's rows (contiguous after these): rows of a few KiB are too short for the
+    // hardware prefetcher to ramp up on (bf16 rows of 896 read at half the bandwidth without this).
+    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4) * ldw + k), _MM_HINT_T0);
+    for (int r = 0; r < R; ++r) wv[r] = load16(w + r * ldw + k);
+    for (int m = 0; m < MT; ++m) {
+      __m512 xv = _mm512_loadu_ps(X + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  if (k < K) {
+    __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = load16(w + r * ldw + k, mask);
+    for (int m = 0; m < MT; ++m) {
+      __m512 xv = _mm512_maskz_loadu_ps(mask, X + m * K + k);
+      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
+    }
+  }
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
+}
+#else
+template <typename W, int MT, int R>
+inline void dot_rows(const float* X, int64_t K, const W* w, int64_t ldw, float out[][4]) {
+  for (int m = 0; m < MT; ++m)
+    for (int r = 0; r < R; ++r) {
+      const W* wr = w + r * ldw;
+      const float* xm = X + m * K;
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(wr[k]) * xm[k];
+      out[m][r] = s;
+    }
+}
+#endif
+
+template <typename W, int R>
+inline void dot_group(const float* X, int64_t mt, int64_t K, const W* w, int64_t ldw, float out[][4]) {
+  switch (mt) {
+    case 1: dot_rows<W, 1, R>(X, K, w, ldw, out); break;
+    case 2: dot_rows<W, 2, R>(X, K, w, ldw, out); break;
+    case 3: dot_rows<W, 3, R>(X, K, w, ldw, out); break;
+    default: dot_rows<W, 4, R>(X, K, w, ldw, out); break;
+  }
+}
+
+template <typename T>
+void small_linear_impl(const float* X, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K) {
+  const int64_t blocks = (N + 3) / 4;
+  // at least ~64 KiB of weights per chunk: smaller ones cost more to hand out than to read
+  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(K, 1)));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
+    float out[4][4];
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
+      for (int64_t m0 = 0; m0 < M; m0 += 4) {
+        const int64_t mt = std::min<int64_t>(4, M - m0);
+        const float* Xm = X + m0 * K;
+        if (rows == 4) {
+          dot_group<T, 4>(Xm, mt, K, w + n0 * K, K, out);
+        } else {
+          for (int64_t r = 0; r < rows; ++r) {
+            float one[4][4];
+            dot_group<T, 1>(Xm, mt, K, w + (n0 + r) * K, K, one);
+            for (int64_t m = 0; m < mt; ++m) out[m][r] = one[m][0];
+          }
+        }
+        for (int64_t m = 0; m < mt; ++m)
+          for (int64_t r = 0; r < rows; ++r) {
+            float v = out[m][r] + (bias ? bias[n0 + r] : 0.f);
+            y[(m0 + m) * N + n0 + r] = static_cast<T>(v);
+          }
+      }
+    }
+  });
+}
+
+at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K) and w (N, K)");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_linear: x and w must have one dtype");
+  TORCH_CHECK(w.is_contiguous(), "small_linear: w must be contiguous");
+  const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  at::Tensor xf = x.to(at::kFloat).contiguous();
+  at::Tensor bf;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->numel() == N, "small_linear: bias must have N entries");
+    bf = bias->to(at::kFloat).contiguous();
+  }
+  at::Tensor y = at::empty({M, N}, x.options());
+  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
+  if (x.scalar_type() == at::kFloat) {
+    small_linear_impl<float>(xf.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    small_linear_impl<bf16>(xf.data_ptr<float>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K);
+  } else {
+    TORCH_CHECK(false, "small_linear: float32 or bfloat16 only");
+  }
+  return y;
+}
+
+// --- elementwise: rms_norm, rope --------------------------------------------------------------
+
+template <typename T>
+inline float round_to(float v) { return static_cast<float>(static_cast<T>(v)); }
+
+template <typename T>
+void rms_norm_impl(const T* x, const T* res, const T* w, T* out, T* sum, int64_t rows, int64_t D, float eps) {
+  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / std::max<int64_t>(D, 1)), [&](int64_t r0, int64_t r1) {
+    std::vector<float> h(D);
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* xr = x + r * D;
+      float ss = 0.f;
+      if (res) {
+        const T* rr = res + r * D;
+        T* sr = sum + r * D;
+        for (int64_t i = 0; i < D; ++i) {
+          float v = round_to<T>(static_cast<float>(xr[i]) + static_cast<float>(rr[i]));
+          sr[i] = static_cast<T>(v);
+          h[i] = v;
+        }
+      } else {
+        for (int64_t i = 0; i < D; ++i) h[i] = static_cast<float>(xr[i]);
+      }
+#pragma omp simd reduction(+ : ss)
+      for (int64_t i = 0; i < D; ++i) ss += h[i] * h[i];
+      const float inv = 1.f / std::sqrt(ss / static_cast<float>(D) + eps);
+      T* o = out + r * D;
+      for (int64_t i = 0; i < D; ++i) o[i] = static_cast<T>(static_cast<float>(w[i]) * round_to<T>(h[i] * inv));
+    }
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm(const at::Tensor& x, const at::Tensor& w, double eps,
+                                            const c10::optional<at::Tensor>& residual) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && w.is_contiguous() && w.numel() == x.size(1),
+              "rms_norm: x (T, D) contiguous and w (D,)");
+  TORCH_CHECK(w.scalar_type() == x.scalar_type(), "rms_norm: x and w must have one dtype");
+  const bool with_res = residual.has_value() && residual->defined();
+  if (with_res) TORCH_CHECK(residual->sizes() == x.sizes() && residual->is_contiguous() &&
+                            residual->scalar_type() == x.scalar_type(), "rms_norm: residual like x");
+  at::Tensor out = at::empty_like(x), sum = with_res ? at::empty_like(x) : at::Tensor();
+  const int64_t rows = x.size(0), D = x.size(1);
+  if (x.scalar_type() == at::kFloat) {
+    rms_norm_impl<float>(x.data_ptr<float>(), with_res ? residual->data_ptr<float>() : nullptr, w.data_ptr<float>(),
+                         out.data_ptr<float>(), with_res ? sum.data_ptr<float>() : nullptr, rows, D, eps);
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rms_norm_impl<bf16>(x.data_ptr<bf16>(), with_res ? residual->data_ptr<bf16>() : nullptr, w.data_ptr<bf16>(),
+                        out.data_ptr<bf16>(), with_res ? sum.data_ptr<bf16>() : nullptr, rows, D, eps);
+  } else {
+    TORCH_CHECK(false, "rms_norm: float32 or bfloat16 only");
+  }
+  return {out, sum};
+}
+
+// In place on x (T, H, d) (last dim contiguous, any row/head strides): NeoX half-split rotation.
+template <typename T>
+void rope_impl(T* x, int64_t Tn, int64_t H, int64_t d, int64_t st, int64_t sh, const int64_t* pos, const float* cs) {
+  const int64_t half = d / 2;
+  at::parallel_for(0, Tn * H, std::max<int64_t>(1, 16384 / std::max<int64_t>(d, 1)), [&](int64_t a, int64_t b) {
+    for (int64_t i = a; i < b; ++i) {
+      const int64_t t = i / H, h = i % H;
+      T* v = x + t * st + h * sh;
+      const float* c = cs + pos[t] * d;
+      for (int64_t j = 0; j < half; ++j) {
+        const float co = round_to<T>(c[j]), si = round_to<T>(c[half + j]);
+        const float x1 = static_cast<float>(v[j]), x2 = static_cast<float>(v[half + j]);
+        const float o1 = round_to<T>(x1 * co) + round_to<T>(-x2 * si);
+        const float o2 = round_to<T>(x2 * co) + round_to<T>(x1 * si);
+        v[j] = static_cast<T>(o1);
+        v[half + j] = static_cast<T>(o2);
+      }
+    }
+  });
+}
+
+void rope_one(const at::Tensor& x, const at::Tensor& pos, const at::Tensor& cs) {
+  TORCH_CHECK(x.dim() == 3 && x.stride(2) == 1 && x.size(2) % 2 == 0, "rope: x (T, H, d), last dim contiguous");
+  if (x.scalar_type() == at::kFloat) {
+    rope_impl<float>(x.data_ptr<float>(), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1),
+                     pos.data_ptr<int64_t>(), cs.data_ptr<float>());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    rope_impl<bf16>(x.data_ptr<bf16>(), x.size(0), x.size(1), x.size(2), x.stride(0), x.stride(1),
+                    pos.data_ptr<int64_t>(), cs.data_ptr<float>());
+  } else {
+    TORCH_CHECK(false, "rope: float32 or bfloat16 only");
+  }
+}
+
+void rope(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Tensor& cos_sin) {
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.size(0) == q.size(0),
+              "rope: positions (T,) int64");
+  TORCH_CHECK(cos_sin.scalar_type() == at::kFloat && cos_sin.is_contiguous() && cos_sin.size(1) == q.size(2),
+              "rope: cos_sin (P, d) float32");
+  rope_one(q, positions, cos_sin);
+  rope_one(k, positions, cos_sin);
+}
+
+// silu(gate) * up over (T, 2I) -> (T, I), rounding as torch does (silu, then the product).
+template <typename T>
+void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const T* g = gu + r * 2 * inter;
+      const T* u = g + inter;
+      T* o = out + r * inter;
+      for (int64_t i = 0; i < inter; ++i) {
+        const float x = static_cast<float>(g[i]);
+        const float act = round_to<T>(x / (1.f + std::exp(-x)));
+        o[i] = static_cast<T>(act * static_cast<float>(u[i]));
+      }
+    }
+  });
+}
+
+at::Tensor silu_mul(const at::Tensor& gate_up) {
+  TORCH_CHECK(gate_up.dim() == 2 && gate_up.is_contiguous() && gate_up.size(1) % 2 == 0, "silu_mul: (T, 2I) contiguous");
+  const int64_t rows = gate_up.size(0), inter = gate_up.size(1) / 2;
+  at::Tensor out = at::empty({rows, inter}, gate_up.options());
+  if (gate_up.scalar_type() == at::kFloat) {
+    silu_mul_impl<float>(gate_up.data_ptr<float>(), out.data_ptr<float>(), rows, inter);
+  } else if (gate_up.scalar_type() == at::kBFloat16) {
+    silu_mul_impl<bf16>(gate_up.data_ptr<bf16>(), out.data_ptr<bf16>(), rows, inter);
+  } else {
+    TORCH_CHECK(false, "silu_mul: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+// --- attention_decode --------------------------------------------------------------------------
+
+#ifdef OVFAST_AVX512
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^n by scalef.
+// About 1 ulp; softmax's arguments are <= 0 after the max is taken out.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
+
+// softmax in place over s[0..L) (fp32)
+inline void softmax_row(float* s, int64_t L) {
+  float mx = s[0];
+  for (int64_t j = 1; j < L; ++j) mx = std::max(mx, s[j]);
+  float total = 0.f;
+  int64_t j = 0;
+#ifdef OVFAST_AVX512
+  const __m512 m = _mm512_set1_ps(mx);
+  __m512 sum = _mm512_setzero_ps();
+  for (; j + 16 <= L; j += 16) {
+    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    _mm512_storeu_ps(s + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  total = _mm512_reduce_add_ps(sum);
+#endif
+  for (; j < L; ++j) {
+    s[j] = std::exp(s[j] - mx);
+    total += s[j];
+  }
+  const float inv = 1.f / total;
+  for (j = 0; j < L; ++j) s[j] *= inv;
+}
+
+// q . k for the g query heads of one kv head at one position (k: d values of type T)
+template <typename T>
+inline void group_scores(const float* qf, const T* k, int64_t g, int64_t d, float scale, float* out, int64_t stride) {
+#ifdef OVFAST_AVX512
+  if (d % 16 == 0 && d <= 256) {
+    __m512 kv[16];
+    const int64_t nv = d / 16;
+    for (int64_t v = 0; v < nv; ++v) kv[v] = load16(k + 16 * v);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const float* qg = qf + gi * d;
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
+      for (int64_t v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), kv[v], acc);
+      out[gi * stride] = _mm512_reduce_add_ps(acc) * scale;
+    }
+    return;
+  }
+#endif
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const float* qg = qf + gi * d;
+    float dot = 0.f;
+    for (int64_t e = 0; e < d; ++e) dot += qg[e] * static_cast<float>(k[e]);
+    out[gi * stride] = dot * scale;
+  }
+}
+
+// acc[gi] += p[gi] * v for the g query heads (v: d values of type T)
+template <typename T>
+inline void group_accumulate(float* acc, const T* v, const float* p, int64_t pstride, int64_t g, int64_t d) {
+#ifdef OVFAST_AVX512
+  if (d % 16 == 0 && d <= 256) {
+    __m512 vv[16];
+    const int64_t nv = d / 16;
+    for (int64_t i = 0; i < nv; ++i) vv[i] = load16(v + 16 * i);
+    for (int64_t gi = 0; gi < g; ++gi) {
+      const __m512 pg = _mm512_set1_ps(p[gi * pstride]);
+      float* ag = acc + gi * d;
+      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(ag + 16 * i, _mm512_fmadd_ps(pg, vv[i], _mm512_loadu_ps(ag + 16 * i)));
+    }
+    return;
+  }
+#endif
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const float pg = p[gi * pstride];
+    float* ag = acc + gi * d;
+    for (int64_t e = 0; e < d; ++e) ag[e] += pg * static_cast<float>(v[e]);
+  }
+}
+
+template <typename T>
+void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t table_stride,
+                           const int32_t* lens, T* out, int64_t B, int64_t Hq, int64_t Hk, int64_t d, int64_t bs,
+                           float scale) {
+  const int64_t g = Hq / Hk, row = Hk * d;  // row: one position's k (or v) for every kv head
+  at::parallel_for(0, B * Hk, 1, [&](int64_t a, int64_t b) {
+    std::vector<float> qf(g * d), acc(g * d), s;
+    for (int64_t item = a; item < b; ++item) {
+      const int64_t r = item / Hk, h = item % Hk, L = lens[r];
+      T* o = out + (r * Hq + h * g) * d;
+      if (L <= 0) {  // an idle row: zeros, never NaN
+        for (int64_t i = 0; i < g * d; ++i) o[i] = static_cast<T>(0.f);
+        continue;
+      }
+      for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(q[(r * Hq + h * g) * d + i]);
+      s.resize(g * L);
+      const int32_t* pages = tables + r * table_stride;
+      for (int64_t j = 0; j < L; ++j) {
+        const T* kp = kc + (static_cast<int64_t>(pages[j / bs]) * bs + j % bs) * row + h * d;
+        group_scores<T>(qf.data(), kp, g, d, scale, s.data() + j, L);
+      }
+      for (int64_t gi = 0; gi < g; ++gi) softmax_row(s.data() + gi * L, L);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      for (int64_t j = 0; j < L; ++j) {
+        const T* vp = vc + (static_cast<int64_t>(pages[j / bs]) * bs + j % bs) * row + h * d;
+        group_accumulate<T>(acc.data(), vp, s.data() + j, L, g, d);
+      }
+      for (int64_t i = 0; i < g * d; ++i) o[i] = static_cast<T>(acc[i]);
+    }
+  });
+}
+
+at::Tensor attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& block_tables, const at::Tensor& seq_lens, double scale) {
+  TORCH_CHECK(q_in.dim() == 3, "attention_decode: q (B, Hq, d)");
+  const at::Tensor q = q_in.contiguous();  // a view of the fused qkv rows: a few KiB to copy
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.is_contiguous() && v_cache.is_contiguous() &&
+              v_cache.sizes() == k_cache.sizes(), "attention_decode: caches (blocks, block_size, Hkv, d) contiguous");
+  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
+              "attention_decode: q and the caches must have one dtype");
+  TORCH_CHECK(block_tables.scalar_type() == at::kInt && block_tables.dim() == 2 && block_tables.stride(1) == 1 &&
+              block_tables.size(0) >= q.size(0), "attention_decode: block_tables (>= B, max_blocks) int32");
+  TORCH_CHECK(seq_lens.scalar_type() == at::kInt && seq_lens.is_contiguous() && seq_lens.numel() == q.size(0),
+              "attention_decode: seq_lens (B,) int32");
+  const int64_t B = q.size(0), Hq = q.size(1), d = q.size(2), bs = k_cache.size(1), Hk = k_cache.size(2);
+  TORCH_CHECK(k_cache.size(3) == d && Hq % Hk == 0, "attention_decode: head counts and sizes");
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  for (int64_t r = 0; r < B; ++r)  // the table must cover every length (a bad table is a bug, not a crash)
+    TORCH_CHECK(lens[r] <= block_tables.size(1) * bs, "attention_decode: seq_lens past the block table");
+  at::Tensor out = at::empty_like(q);
+  if (q.scalar_type() == at::kFloat) {
+    decode_attention_impl<float>(q.data_ptr<float>(), k_cache.data_ptr<float>(), v_cache.data_ptr<float>(),
+                                 block_tables.data_ptr<int32_t>(), block_tables.stride(0), lens, out.data_ptr<float>(),
+                                 B, Hq, Hk, d, bs, scale);
+  } else if (q.scalar_type() == at::kBFloat16) {
+    decode_attention_impl<bf16>(q.data_ptr<bf16>(), k_cache.data_ptr<bf16>(), v_cache.data_ptr<bf16>(),
+                                block_tables.data_ptr<int32_t>(), block_tables.stride(0), lens, out.data_ptr<bf16>(),
+                                B, Hq, Hk, d, bs, scale);
+  } else {
+    TORCH_CHECK(false, "attention_decode: float32 or bfloat16 only");
+  }
+  return out;
+}
+
+// --- decode_layers ------------------------------------------------------------------------------
+
+// Every decoder layer of one decode step, in one call: Qwen2DecoderLayer.forward's ops on the
+// kernels above, in its order (so the result equals the per-op path bit for bit), without a
+// Python round trip per op (about a tenth of a 0.5B step). Caches (layers, blocks, bs, Hkv, d).
+std::tuple<at::Tensor, at::Tensor> decode_layers(
+    const at::Tensor& h_in, at::TensorList ln1, at::TensorList qkv_w, at::TensorList qkv_b, at::TensorList o_w,
+    at::TensorList ln2, at::TensorList gate_up_w, at::TensorList down_w, const at::Tensor& k_cache,
+    const at::Tensor& v_cache, const at::Tensor& positions, const at::Tensor& slots, const at::Tensor& block_tables,
+    const at::Tensor& seq_lens, const at::Tensor& cos_sin, int64_t heads, int64_t kv_heads, double eps) {
+  const int64_t layers = static_cast<int64_t>(ln1.size());
+  TORCH_CHECK(qkv_w.size() == ln1.size() && qkv_b.size() == ln1.size() && o_w.size() == ln1.size() &&
+              ln2.size() == ln1.size() && gate_up_w.size() == ln1.size() && down_w.size() == ln1.size() &&
+              k_cache.dim() == 5 && k_cache.size(0) >= layers && v_cache.sizes() == k_cache.sizes(),
+              "decode_layers: one entry per layer");
+  const int64_t n = h_in.size(0), hd = k_cache.size(4), q_size = heads * hd, kv_size = kv_heads * hd;
+  const double scale = std::pow(static_cast<double>(hd), -0.5);  // as Python's head_dim**-0.5
+  at::Tensor h = h_in, residual;
+  for (int64_t i = 0; i < layers; ++i) {
+    at::Tensor x;
+    if (!residual.defined()) {
+      residual = h;
+      x = std::get<0>(rms_norm(h, ln1[i], eps, c10::nullopt));
+    } else {
+      std::tie(x, residual) = rms_norm(h, ln1[i], eps, residual);
+    }
+    const at::Tensor qkv = small_linear(x, qkv_w[i], qkv_b[i]);
+    at::Tensor q = qkv.narrow(1, 0, q_size).view({n, heads, hd});
+    at::Tensor k = qkv.narrow(1, q_size, kv_size).view({n, kv_heads, hd});
+    at::Tensor v = qkv.narrow(1, q_size + kv_size, kv_size).view({n, kv_heads, hd});
+    rope(q, k, positions, cos_sin);
+    at::Tensor kc = k_cache.select(0, i), vc = v_cache.select(0, i);
+    kc.view({-1, kv_heads, hd}).index_copy_(0, slots, k);
+    vc.view({-1, kv_heads, hd}).index_copy_(0, slots, v);
+    const at::Tensor attn = attention_decode(q, kc, vc, block_tables, seq_lens, scale);
+    h = small_linear(attn.reshape({n, q_size}), o_w[i], c10::nullopt);
+    std::tie(x, residual) = rms_norm(h, ln2[i], eps, residual);
+    h = small_linear(silu_mul(small_linear(x, gate_up_w[i], c10::nullopt)), down_w[i], c10::nullopt);
+  }
+  return {h, residual};
+}
+
+}  // namespace
+
+TORCH_LIBRARY(ovfast_cpu, m) {
+  m.def("small_linear(Tensor x, Tensor w, Tensor? bias=None) -> Tensor");
+  m.def("rms_norm(Tensor x, Tensor w, float eps, Tensor? residual=None) -> (Tensor, Tensor)");
+  m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin) -> ()");
+  m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
+  m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("decode_layers(Tensor h, Tensor[] ln1, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] o_w, Tensor[] ln2, "
+        "Tensor[] gate_up_w, Tensor[] down_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor slots, "
+        "Tensor block_tables, Tensor seq_lens, Tensor cos_sin, int heads, int kv_heads, float eps) -> (Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(ovfast_cpu, CPU, m) {
+  m.impl("small_linear", &small_linear);
+  m.impl("rms_norm", &rms_norm);
+  m.impl("rope", &rope);
+  m.impl("attention_decode", &attention_decode);
+  m.impl("silu_mul", &silu_mul);
+  m.impl("decode_layers", &decode_layers);
+}

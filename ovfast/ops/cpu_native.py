@@ -1,0 +1,175 @@
+"""ovfast's CPU kernels (``cpu_kernels.cpp``): built on first use, cached, loaded as torch ops.
+
+The decode step on a CPU is a few GEMVs bound by reading the weights; torch's bf16 GEMV reads
+them at about half the memory bandwidth, and every small op costs a dispatch. The kernels here
+are compiled with the host's g++ against the installed torch (``-march=native``: the build is
+for this CPU), once per (source, torch, compiler, CPU) into ``$OVFAST_CACHE/cpu-kernels/``, and
+registered under ``torch.ops.ovfast_cpu``. Where they cannot be built (no compiler, another
+architecture) or ``OVFAST_CPU_KERNELS=0``, ``available()`` is False and the ops run their torch
+bodies: the same results within float rounding (tests/test_cpu_kernels.py holds them to it).
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from ..settings import environment
+
+log = logging.getLogger("ovfast")
+
+SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+OPS = ("linear", "rms_norm", "rope", "silu_mul", "attention_decode")  # the ovfast.ops names implemented here
+FLOATS = (torch.float32, torch.bfloat16)
+SMALL_ROWS = 16  # up to this many rows a linear layer is a GEMV (decode); above, torch's GEMM wins
+_lock = threading.Lock()
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    return shutil.which("g++") or shutil.which("c++")
+
+
+def _build(out: Path, cxx: str) -> None:
+    from torch.utils import cpp_extension
+
+    includes = [f"-I{p}" for p in cpp_extension.include_paths()]
+    libs = cpp_extension.library_paths()
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name, then renamed: processes building at once never load half a file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w", "-ffp-contract=off",
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", tmp,
+           *[f"-L{p}" for p in libs], "-lc10", "-ltorch_cpu", *[f"-Wl,-rpath,{p}" for p in libs]]
+    try:
+        subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
+        os.replace(tmp, out)
+    except subprocess.CalledProcessError as e:
+        raise RuntimeError(f"{' '.join(cmd[:8])} ... failed:\n{e.stderr[-2000:]}") from None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@functools.cache
+def _library() -> bool:
+    """Build (once per machine) and load the kernels; False, with one warning, when that fails."""
+    if not environment.cpu_kernels() or platform.machine() not in ("x86_64", "AMD64", "aarch64"):
+        return False
+    cxx = _compiler()
+    if cxx is None:
+        log.warning("no C++ compiler (g++) found: the CPU decode runs on plain torch ops (slower)")
+        return False
+    try:
+        version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+        key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, version, _cpu_flags()]).encode())
+        path = environment.cache_dir() / "cpu-kernels" / f"ovfast_cpu-{key.hexdigest()[:16]}.so"
+        with _lock:
+            if not path.exists():
+                log.info("building ovfast's CPU kernels into %s (once per machine)", path)
+                _build(path, cxx)
+            torch.ops.load_library(str(path))
+        return True
+    except Exception as e:  # a failed build costs speed, never correctness
+        log.warning("ovfast's CPU kernels could not be built (%s): the CPU decode runs on plain torch ops", e)
+        return False
+
+
+def available() -> bool:
+    return _library()
+
+
+# Each op takes its ovfast.ops signature and runs the torch reference for what the kernel does not
+# cover (other dtypes, layouts or shapes), so routing an op here never changes what it accepts.
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` with the GEMV kernel for a few rows of fp32 or bf16."""
+    if (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in FLOATS and weight.dtype == x.dtype
+            and weight.is_contiguous() and (bias is None or bias.dim() == 1) and _library()):
+        return torch.ops.ovfast_cpu.small_linear(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+    if (x.dim() == 2 and x.dtype in FLOATS and x.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+            and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape and residual.is_contiguous()))
+            and _library()):
+        out, total = torch.ops.ovfast_cpu.rms_norm(x, weight, eps, residual)
+        return out if residual is None else (out, total)
+    return _torch_ops().rms_norm.reference(x, weight, eps, residual)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    if (q.dtype in FLOATS and k.dtype == q.dtype and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1
+            and k.stride(-1) == 1 and positions.dtype == torch.long and positions.is_contiguous()
+            and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous() and _library()):
+        torch.ops.ovfast_cpu.rope(q, k, positions, cos_sin_cache)
+        return
+    _torch_ops().rope.reference(q, k, positions, cos_sin_cache)
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    if gate_up.dim() == 2 and gate_up.dtype in FLOATS and gate_up.is_contiguous() and _library():
+        return torch.ops.ovfast_cpu.silu_mul(gate_up)
+    return _torch_ops().silu_mul.reference(gate_up)
+
+
+def attention_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_tables: torch.Tensor,
+                     seq_lens: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    if (q.dtype in FLOATS and q.dim() == 3 and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and block_tables.dtype == torch.int32
+            and block_tables.stride(-1) == 1 and seq_lens.dtype == torch.int32 and seq_lens.is_contiguous()
+            and _library()):
+        s = q.shape[-1] ** -0.5 if scale is None else scale
+        return torch.ops.ovfast_cpu.attention_decode(q, k_cache, v_cache, block_tables, seq_lens, s)
+    return _torch_ops().attention_decode.reference(q, k_cache, v_cache, block_tables, seq_lens, scale)
+
+
+def decode_layers(layers, h: torch.Tensor, batch, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                  cos_sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Every decoder layer of a decode step in one call (``Qwen2DecoderLayer`` modules ``layers``,
+    one rank's whole model), or None where the kernel does not apply and the layers must run one
+    by one: the same ops in the same order, so the result is the per-op path's, bit for bit."""
+    first = layers[0]
+    if not (h.dtype in FLOATS and h.dim() == 2 and h.is_contiguous() and k_cache.dtype == h.dtype
+            and k_cache.is_contiguous() and v_cache.is_contiguous() and batch.block_tables.dtype == torch.int32
+            and batch.block_tables.stride(-1) == 1 and batch.seq_lens.is_contiguous()
+            and batch.positions.is_contiguous() and h.shape[0] <= SMALL_ROWS and _library()):
+        return None
+    w = [(x.input_layernorm, x.qkv_weight, x.qkv_bias, x.o_weight, x.post_attention_layernorm, x.gate_up_weight,
+          x.down_weight) for x in layers]
+    if any(t.dtype != h.dtype or not t.is_contiguous() for ws in w for t in ws):
+        return None
+    ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w = (list(c) for c in zip(*w))
+    return torch.ops.ovfast_cpu.decode_layers(
+        h, ln1, qkv_w, qkv_b, o_w, ln2, gate_up_w, down_w, k_cache, v_cache, batch.positions,
+        batch.slot_mapping, batch.block_tables, batch.seq_lens, cos_sin, first.heads, first.kv_heads,
+        first.cfg.rms_norm_eps)
+
+
+def _torch_ops():
+    from . import torch_ops  # (imported late: torch_ops -> backends -> here)
+
+    return torch_ops

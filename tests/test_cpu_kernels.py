@@ -1,0 +1,188 @@
+"""ovfast's compiled CPU kernels (ovfast/ops/cpu_native.py) against their torch references.
+
+The kernels are built on first use with the host's g++; on this project's CPUs (x86-64 Linux with
+a compiler) they must build, so a failed build fails here instead of silently testing the fallback.
+Shapes exercise every tail: K not a multiple of 16 (masked loads), N not a multiple of 4 (single
+rows), M from 1 to past the 4-row groups, and M above SMALL_ROWS (torch's GEMM).
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovfast import ops
+from ovfast.ops import cpu_native
+from ovfast.models.qwen2 import ForwardBatch
+from ovfast.ops.backends import kernel_for
+
+pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("g++") is None,
+                                reason="the CPU kernels are built with g++ on x86-64")
+
+
+def test_kernels_build_and_route():
+    assert cpu_native.available()
+    assert kernel_for("linear", torch.device("cpu")) is cpu_native.linear
+    assert ops.report("cpu")["linear"] == "cpu"
+    with ops.backends.KERNELS.using("torch"):
+        assert kernel_for("linear", torch.device("cpu")) is None
+
+
+TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # relative to the output's scale (sums cancel)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(1, 1, 1), (1, 7, 5), (2, 13, 37), (3, 33, 100), (4, 64, 16), (5, 129, 896),
+                                   (8, 1152, 896), (16, 4, 4864), (17, 40, 64), (1, 151, 72)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_matches_torch(dtype, m, n, k, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    got = cpu_native.linear(x, w, b)
+    assert got.dtype == dtype and got.shape == (m, n)
+    # fp32 arithmetic on the same (bf16-rounded) inputs is the reference; the kernel rounds once.
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    scale = ref.abs().max().item()
+    torch.testing.assert_close(got.float(), ref, rtol=TOL[dtype], atol=TOL[dtype] * scale)
+    if dtype == torch.bfloat16:  # and it is no further from the exact result than torch's own bf16 GEMM
+        err = (got.float() - ref).abs().max()
+        assert err <= 2 * (F.linear(x, w, b).float() - ref).abs().max() + 1e-6
+
+
+def test_linear_does_not_read_past_rows():
+    # Rows past N (a view's neighbours) and NaN around the weights must never reach the output.
+    store = torch.full((9, 40), float("nan"))
+    w = store[1:8]
+    w.copy_(torch.randn(7, 40))
+    x = torch.randn(3, 40)
+    out = cpu_native.linear(x, w)
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, F.linear(x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_linear_falls_back_where_it_does_not_apply():
+    x, w = torch.randn(2, 8, dtype=torch.float64), torch.randn(3, 8, dtype=torch.float64)
+    torch.testing.assert_close(cpu_native.linear(x, w), F.linear(x, w))  # fp64: torch
+    torch.testing.assert_close(cpu_native.linear(x.half(), w.half()), F.linear(x.half(), w.half()))
+    x, wt = torch.randn(2, 8), torch.randn(8, 3).t()  # a transposed (non-contiguous) weight
+    torch.testing.assert_close(cpu_native.linear(x, wt), F.linear(x, wt), rtol=1e-5, atol=1e-5)
+    x = torch.randn(3, 2, 8)  # more than two dimensions
+    torch.testing.assert_close(cpu_native.linear(x, wt), F.linear(x, wt), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,dim", [(1, 8), (3, 896), (17, 100), (300, 64)])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_rms_norm_matches_torch(dtype, rows, dim, with_residual):
+    g = torch.Generator().manual_seed(rows * 7 + dim)
+    x = (torch.randn(rows, dim, generator=g) * 3).to(dtype)
+    w = (1 + torch.randn(dim, generator=g) * 0.1).to(dtype)
+    res = torch.randn(rows, dim, generator=g).to(dtype) if with_residual else None
+    ref = ops.rms_norm.reference(x, w, 1e-6, res)
+    got = cpu_native.rms_norm(x, w, 1e-6, res)
+    refs, gots = (ref, got) if with_residual else ((ref,), (got,))
+    for r, o in zip(refs, gots):
+        assert o.dtype == dtype and o.shape == r.shape
+        # the same roundings as torch's op sequence: at most one unit in the last place apart
+        torch.testing.assert_close(o, r, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+    if with_residual:
+        assert torch.equal(got[1], ref[1])  # x + residual, rounded once: exactly torch's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tokens,hq,hk,d", [(1, 14, 2, 64), (5, 3, 1, 8), (33, 4, 4, 128)])
+def test_rope_matches_torch_in_place_on_strided_views(dtype, tokens, hq, hk, d):
+    g = torch.Generator().manual_seed(tokens + d)
+    table = ops.rope_cos_sin_cache(d, 1e6, 4096)
+    positions = torch.randint(0, 4096, (tokens,), generator=g)
+    qkv = torch.randn(tokens, (hq + 2 * hk) * d, generator=g).to(dtype)  # q and k are views of one row, as in the model
+    want = qkv.clone()
+    q, k, _ = qkv.split((hq * d, hk * d, hk * d), dim=-1)
+    qr, kr, _ = want.split((hq * d, hk * d, hk * d), dim=-1)
+    cpu_native.rope(q.view(tokens, hq, d), k.view(tokens, hk, d), positions, table)
+    ops.rope.reference(qr.view(tokens, hq, d), kr.view(tokens, hk, d), positions, table)
+    torch.testing.assert_close(qkv, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-5)
+    assert torch.equal(qkv[:, (hq + hk) * d:], want[:, (hq + hk) * d:])  # v untouched
+
+
+def _paged(lengths, hk, d, bs, dtype, g):
+    """Caches whose pages are shuffled, NaN in every position no row may read, and block tables."""
+    need = [-(-n // bs) for n in lengths]
+    blocks = 1 + sum(need) + 3
+    k = torch.full((blocks, bs, hk, d), float("nan"), dtype=dtype)
+    v = torch.full((blocks, bs, hk, d), float("nan"), dtype=dtype)
+    order = (torch.randperm(blocks - 1, generator=g) + 1).tolist()
+    tables = torch.zeros(len(lengths), max(max(need), 1) + 2, dtype=torch.int32)
+    for r, n in enumerate(lengths):
+        pages = [order.pop() for _ in range(need[r])]
+        tables[r, : len(pages)] = torch.tensor(pages, dtype=torch.int32)
+        for j in range(n):
+            k[pages[j // bs], j % bs] = torch.randn(hk, d, generator=g).to(dtype)
+            v[pages[j // bs], j % bs] = torch.randn(hk, d, generator=g).to(dtype)
+    return k, v, tables
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lengths,hq,hk,d,bs", [([1], 14, 2, 64, 16), ([16, 17, 0, 40], 6, 2, 8, 16),
+                                                 ([100, 3], 7, 1, 128, 32), ([31, 32, 33], 4, 4, 72, 16)])
+def test_attention_decode_matches_torch(dtype, lengths, hq, hk, d, bs):
+    g = torch.Generator().manual_seed(sum(lengths) + hq * d)
+    k, v, tables = _paged(lengths, hk, d, bs, dtype, g)
+    q = torch.randn(len(lengths), hq, d, generator=g).to(dtype)
+    lens = torch.tensor(lengths, dtype=torch.int32)
+    got = cpu_native.attention_decode(q, k, v, tables, lens, scale=d**-0.5)
+    assert torch.isfinite(got).all()  # no NaN page was read, idle rows included
+    live = lens > 0
+    assert torch.equal(got[~live], torch.zeros_like(got[~live]))
+    # reference in fp32 on the live rows (the torch path's idle rows are unspecified)
+    ref = ops.attention_decode.reference(q[live].float(), k.float().nan_to_num(), v.float().nan_to_num(),
+                                         tables[live], lens[live], scale=d**-0.5)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(got[live].float(), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows,inter", [(1, 4864), (3, 40), (20, 7)])
+def test_silu_mul_matches_torch(dtype, rows, inter):
+    x = (torch.randn(rows, 2 * inter, generator=torch.Generator().manual_seed(rows + inter)) * 4).to(dtype)
+    got, want = cpu_native.silu_mul(x), ops.silu_mul.reference(x)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_decode_layers_equal_the_per_op_path(tiny, dtype):
+    """The decode step's layers in one kernel call are the per-layer ops, bit for bit: three rows at
+    different positions (pages shuffled), one idle row that must write only the null page."""
+    _, engine = tiny
+    lm = engine.model.language_model
+    cfg = lm.cfg
+    layers = [copy.deepcopy(layer).to(dtype) for layer in lm.layers]  # the session engine's stay fp32
+    g = torch.Generator().manual_seed(11)
+    bs, blocks = 4, 24
+    shape = (cfg.num_layers, blocks, bs, layers[0].kv_heads, cfg.head_dim)
+    k0, v0 = torch.randn(shape, generator=g).to(dtype), torch.randn(shape, generator=g).to(dtype)
+    tables = (torch.randperm(blocks - 1, generator=g)[:16] + 1).to(torch.int32).view(4, 4)
+    positions = torch.tensor([5, 0, 14, 9])
+    lens = torch.tensor([6, 0, 15, 10], dtype=torch.int32)
+    batch = ForwardBatch.decode(positions, tables, bs, lens)
+    h = torch.randn(4, cfg.hidden_size, generator=g).to(dtype)
+    with torch.inference_mode():
+        k1, v1 = k0.clone(), v0.clone()
+        fused = cpu_native.decode_layers(layers, h, batch, k1, v1, lm.cos_sin)
+        assert fused is not None
+        k2, v2 = k0.clone(), v0.clone()
+        residual = None
+        for i, layer in enumerate(layers):
+            hh, residual = layer(h if i == 0 else hh, residual, batch, k2[i], v2[i], lm.cos_sin)
+    # rows 0, 2, 3 are compared; the idle row's outputs are unspecified on every path
+    live = lens > 0
+    assert torch.equal(fused[0][live], hh[live]) and torch.equal(fused[1][live], residual[live])
+    assert torch.equal(k1, k2) and torch.equal(v1, v2)  # the same cache writes (the idle row's to page 0)
+    assert torch.equal(k1[:, 1:], k2[:, 1:]) and not torch.equal(k1, k0)
