@@ -186,3 +186,15 @@ def test_fused_decode_layers_equal_the_per_op_path(tiny, dtype):
     assert torch.equal(fused[0][live], hh[live]) and torch.equal(fused[1][live], residual[live])
     assert torch.equal(k1, k2) and torch.equal(v1, v2)  # the same cache writes (the idle row's to page 0)
     assert torch.equal(k1[:, 1:], k2[:, 1:]) and not torch.equal(k1, k0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(7,), (3, 45), (729, 4304 // 16)])
+def test_gelu_tanh_matches_torch(dtype, shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    x = (torch.randn(shape, generator=g) * 6).to(dtype)
+    x.view(-1)[:4] = torch.tensor([0.0, 40.0, -40.0, 1e-4]).to(dtype)  # zero, saturated both ways, tiny
+    got, want = cpu_native.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh")
+    assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
+    torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+    torch.testing.assert_close(cpu_native.gelu(x), F.gelu(x))  # erf: torch's

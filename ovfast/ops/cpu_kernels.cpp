@@ -39,10 +39,37 @@ inline __m512 load16(const bf16* p) {
   __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
 }
+inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// fp32 -> bf16 rounding to nearest even, as c10::BFloat16 does (NaN -> the quiet NaN 0x7fc0)
+inline void store16(bf16* p, __m512 v) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16* p, __mmask16 m) {
   __m256i v = _mm256_maskz_loadu_epi16(m, p);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16));
+}
+
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^n by scalef.
+// About 1 ulp; softmax's arguments are <= 0 after the max is taken out.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
 }
 
 // out[m][r] = dot(X row m, W row r) for R weight rows (stride ldw) and MT x rows (fp32, stride K).
@@ -251,6 +278,49 @@ void rope(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Ten
   rope_one(k, positions, cos_sin);
 }
 
+// gelu with the tanh approximation, elementwise, computed in fp32 and rounded once (as torch's).
+template <typename T>
+void gelu_tanh_impl(const T* x, T* out, int64_t n) {
+  constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;  // sqrt(2/pi)
+  at::parallel_for(0, n, 32768, [&](int64_t a, int64_t b) {
+    int64_t i = a;
+#ifdef OVFAST_AVX512
+    for (; i + 16 <= b; i += 16) {
+      const __m512 v = load16(x + i);
+      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kBeta),
+                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kKappa), v), _mm512_mul_ps(v, v), v));
+      // tanh(u) = 1 - 2 / (e^(2u) + 1)
+      // |2u| <= 20: tanh is +-1 in fp32 well before that, and e^(2u) stays finite for the reciprocal
+      const __m512 e = exp16(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(u, u), _mm512_set1_ps(-20.f)), _mm512_set1_ps(20.f)));
+      // 1 / (e + 1) by rcp14 and one Newton step (~23 bits; a division costs several times more)
+      const __m512 den = _mm512_add_ps(e, _mm512_set1_ps(1.f));
+      __m512 inv = _mm512_rcp14_ps(den);
+      inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.f)));
+      const __m512 t = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), inv, _mm512_set1_ps(1.f));
+      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), t));
+      store16(out + i, y);
+    }
+#endif
+    for (; i < b; ++i) {
+      const float v = static_cast<float>(x[i]);
+      out[i] = static_cast<T>(0.5f * v * (1.f + std::tanh(kBeta * (v + kKappa * v * v * v))));
+    }
+  });
+}
+
+at::Tensor gelu_tanh(const at::Tensor& x_in) {
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty_like(x);
+  if (x.scalar_type() == at::kFloat) {
+    gelu_tanh_impl<float>(x.data_ptr<float>(), out.data_ptr<float>(), x.numel());
+  } else if (x.scalar_type() == at::kBFloat16) {
+    gelu_tanh_impl<bf16>(x.data_ptr<bf16>(), out.data_ptr<bf16>(), x.numel());
+  } else {
+    TORCH_CHECK(false, "gelu_tanh: float32 or bfloat16 only");
+  }
+  return out;
+}
+
 // silu(gate) * up over (T, 2I) -> (T, I), rounding as torch does (silu, then the product).
 template <typename T>
 void silu_mul_impl(const T* gu, T* out, int64_t rows, int64_t inter) {
@@ -284,25 +354,6 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 
 // --- attention_decode --------------------------------------------------------------------------
 
-#ifdef OVFAST_AVX512
-// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' expf polynomial, 2^n by scalef.
-// About 1 ulp; softmax's arguments are <= 0 after the max is taken out.
-inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
-  return _mm512_scalef_ps(p, n);
-}
-#endif
 
 // softmax in place over s[0..L) (fp32)
 inline void softmax_row(float* s, int64_t L) {
@@ -490,6 +541,7 @@ TORCH_LIBRARY(ovfast_cpu, m) {
   m.def("rope(Tensor(a!) q, Tensor(b!) k, Tensor positions, Tensor cos_sin) -> ()");
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
+  m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("decode_layers(Tensor h, Tensor[] ln1, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] o_w, Tensor[] ln2, "
         "Tensor[] gate_up_w, Tensor[] down_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor slots, "
         "Tensor block_tables, Tensor seq_lens, Tensor cos_sin, int heads, int kv_heads, float eps) -> (Tensor, Tensor)");
@@ -501,5 +553,6 @@ TORCH_LIBRARY_IMPL(ovfast_cpu, CPU, m) {
   m.impl("rope", &rope);
   m.impl("attention_decode", &attention_decode);
   m.impl("silu_mul", &silu_mul);
+  m.impl("gelu_tanh", &gelu_tanh);
   m.impl("decode_layers", &decode_layers);
 }

@@ -18,7 +18,7 @@ from .backends import dispatch
 
 DISPATCHED = (
     "patch_embed", "bilinear_resize", "projector", "rms_norm", "rope", "silu_mul", "attention_prefill",
-    "attention_chunk", "attention_decode", "linear",
+    "attention_chunk", "attention_decode", "linear", "gelu",
 )
 
 
@@ -121,6 +121,12 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cach
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear``: the decoder's projections, behind one name so the CPU can run its GEMV kernel."""
     return F.linear(x, weight, bias)
+
+
+@dispatch
+def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
+    """``F.gelu``: the vision MLP's activation, behind one name for the CPU's vectorised kernel."""
+    return F.gelu(x, approximate=approximate)
 
 
 @dispatch
