@@ -32,7 +32,7 @@ from ..checkpoint.config import ModelConfig
 from ..checkpoint.tokenizer import Tokenizer
 from ..models.llava_onevision import LlavaOnevision
 from ..models.qwen2 import ForwardBatch
-from ..ops.backends import use_triton
+from ..ops.backends import kernel_for, use_triton
 from .decode import DecodeRunner
 from .generation import Sequence, Status, TextAssembler, TokenLogprob
 from .encoder_cache import EncoderCache
@@ -95,6 +95,8 @@ class ModelRunner:
                                 torch.zeros(n, k, dtype=torch.long, pin_memory=pin)) for _ in range(2)]
         self._flip = 0
         self.vision_warmup_ms = 0.0
+        if self.device.type == "cpu":
+            kernel_for("linear", self.device)  # builds the CPU kernels now (once per machine), not in a request
 
     # --- at load ---------------------------------------------------------------------------------
 
