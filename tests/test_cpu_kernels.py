@@ -198,3 +198,35 @@ def test_gelu_tanh_matches_torch(dtype, shape):
     assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
     torch.testing.assert_close(cpu_native.gelu(x), F.gelu(x))  # erf: torch's
+
+
+def test_bf16_engine_against_the_fp32_reference(checkpoint_dirs, engines):
+    """bf16 on the CPU (the kernels above on every decode op): logits within bf16 tolerance of the
+    fp32 engine's, and greedy answers equal to fp32's up to the first step where fp32's top two
+    candidates are close (there bf16's rounding may legitimately pick the other one)."""
+    import ovfast
+    import reference as ref
+
+    fp32 = engines["tiny"]
+    bf16 = ovfast.load(checkpoint_dirs["tiny"], dtype="bfloat16", max_seq_len=4096, prefix_caching=False)
+    try:
+        assert bf16.info()["ops"]["linear"] == "cpu"
+        cases = [([ref.synthetic_image(90, 120, 1)], "Describe."), (None, "A text question, a little longer."),
+                 ([ref.synthetic_image(64, 64, 3)], "What?")]
+        compared = 0
+        for images, prompt in cases:
+            want, got = fp32.logits(images, prompt), bf16.logits(images, prompt).float()
+            err = (got - want).abs()  # bf16 end to end (vision, projector, decoder): ~1e-2 of the scale
+            assert err.max() <= 5e-2 * want.abs().max() and err.mean() <= 2.5e-2 * want.abs().mean()
+            a = fp32.complete(images, prompt, max_new_tokens=12, ignore_eos=True, logprobs=2)
+            b = bf16.complete(images, prompt, max_new_tokens=12, ignore_eos=True)
+            wide = 0
+            for step in a.logprobs:  # steps while fp32's margin is wide (random weights: margins are small)
+                if step.top[0][2] - step.top[1][2] < 0.15:
+                    break
+                wide += 1
+            assert b.token_ids[:wide] == a.token_ids[:wide]
+            compared += wide
+        assert compared >= 8  # the check compared something
+    finally:
+        bf16.close()
