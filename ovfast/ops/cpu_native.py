@@ -119,8 +119,12 @@ def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
     return F.gelu(x, approximate=approximate)
 
 
+# rms_norm, rope and silu_mul: the kernel saves dispatches on a decode step's few rows; on a prefill
+# chunk's thousands torch's vectorised ops win, so those rows stay on torch.
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    if (x.dim() == 2 and x.dtype in FLOATS and x.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
+    if (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in FLOATS and x.is_contiguous() and weight.dtype == x.dtype and weight.is_contiguous()
             and (residual is None or (residual.dtype == x.dtype and residual.shape == x.shape and residual.is_contiguous()))
             and _library()):
         out, total = torch.ops.ovfast_cpu.rms_norm(x, weight, eps, residual)
@@ -129,7 +133,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
-    if (q.dtype in FLOATS and k.dtype == q.dtype and q.dim() == 3 and k.dim() == 3 and q.stride(-1) == 1
+    if (q.dtype in FLOATS and k.dtype == q.dtype and q.dim() == 3 and q.shape[0] <= SMALL_ROWS and k.dim() == 3 and q.stride(-1) == 1
             and k.stride(-1) == 1 and positions.dtype == torch.long and positions.is_contiguous()
             and cos_sin_cache.dtype == torch.float32 and cos_sin_cache.is_contiguous() and _library()):
         torch.ops.ovfast_cpu.rope(q, k, positions, cos_sin_cache)
@@ -138,7 +142,7 @@ def rope(q: torch.Tensor, k: torch.Tensor, positions: torch.Tensor, cos_sin_cach
 
 
 def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
-    if gate_up.dim() == 2 and gate_up.dtype in FLOATS and gate_up.is_contiguous() and _library():
+    if gate_up.dim() == 2 and gate_up.shape[0] <= SMALL_ROWS and gate_up.dtype in FLOATS and gate_up.is_contiguous() and _library():
         return torch.ops.ovfast_cpu.silu_mul(gate_up)
     return _torch_ops().silu_mul.reference(gate_up)
 

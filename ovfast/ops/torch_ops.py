@@ -144,6 +144,18 @@ def _expand_kv(x: torch.Tensor, groups: int, dim: int) -> torch.Tensor:
     return x if groups == 1 else x.repeat_interleave(groups, dim=dim)
 
 
+_SDPA_GQA = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 5)
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, groups: int, heads_axis: int, **kw) -> torch.Tensor:
+    """SDPA with kv heads shared by ``groups`` query heads each. On the CPU the kernel reads the
+    shared heads itself (``enable_gqa``: no copies of K and V, a third faster on a prefill chunk,
+    the same result); elsewhere the heads are repeated, as always."""
+    if groups > 1 and q.device.type == "cpu" and _SDPA_GQA:
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True, **kw)
+    return F.scaled_dot_product_attention(q, _expand_kv(k, groups, heads_axis), _expand_kv(v, groups, heads_axis), **kw)
+
+
 @dispatch
 def attention_prefill(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -161,14 +173,12 @@ def attention_prefill(
         n = len(bounds) - 1
         s = lengths.pop()
         qb, kb, vb = (x.view(n, s, x.shape[1], x.shape[2]).transpose(1, 2) for x in (q, k, v))
-        out = F.scaled_dot_product_attention(qb, _expand_kv(kb, groups, 1), _expand_kv(vb, groups, 1),
-                                             is_causal=causal, scale=scale)
+        out = _sdpa(qb, kb, vb, groups, 1, is_causal=causal, scale=scale)
         return out.transpose(1, 2).reshape(q.shape)
     out = torch.empty_like(q)
     for a, b in zip(bounds, bounds[1:]):
         qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x in (q, k, v))
-        o = F.scaled_dot_product_attention(qs, _expand_kv(ks, groups, 1), _expand_kv(vs, groups, 1),
-                                           is_causal=causal, scale=scale)
+        o = _sdpa(qs, ks, vs, groups, 1, is_causal=causal, scale=scale)
         out[a:b] = o[0].transpose(0, 1)
     return out
 
@@ -189,10 +199,11 @@ def attention_chunk(
     total = start + t
     k, v = _gather_pages(k_cache, v_cache, block_table[None], total)
     groups = hq // k.shape[2]
-    k = _expand_kv(k[0].transpose(0, 1), groups, 0)  # (Hq, total, d)
-    v = _expand_kv(v[0].transpose(0, 1), groups, 0)
     mask = torch.arange(total, device=q.device)[None, :] <= start + torch.arange(t, device=q.device)[:, None]
-    out = F.scaled_dot_product_attention(q.transpose(0, 1)[None], k[None], v[None], attn_mask=mask, scale=scale)
+    if q.device.type == "cpu":  # an additive mask in q's dtype: the CPU flash kernel skips its own conversion
+        mask = torch.zeros(mask.shape, dtype=q.dtype).masked_fill_(~mask, float("-inf"))
+    out = _sdpa(q.transpose(0, 1)[None], k[0].transpose(0, 1)[None], v[0].transpose(0, 1)[None], groups, 1,
+                attn_mask=mask, scale=scale)
     return out[0].transpose(0, 1)
 
 
