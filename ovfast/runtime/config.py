@@ -19,7 +19,7 @@ _DTYPES = {
     "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
-_POSITIVE = ("max_batch_size", "max_images", "max_video_frames", "vision_chunk", "max_queue", "prefill_chunk",
+_POSITIVE = ("max_batch_size", "max_images", "max_video_frames", "vision_chunk", "max_queue",
              "preprocess_workers", "tensor_parallel_size")
 
 
@@ -34,7 +34,7 @@ class EngineConfig:
     max_video_frames: int = 64  # video frames in one request (all videos)
     vision_chunk: int = 16  # tiles through the vision tower per loop turn (one piece of a request's vision)
     max_queue: int = 256  # requests accepted but not yet running; beyond: EngineOverloadedError
-    prefill_chunk: int = 1024  # prompt tokens per loop turn, interleaved with decode steps
+    prefill_chunk: int | None = None  # prompt tokens per loop turn, between decode steps; None: 1024 on a GPU, 4096 on a CPU
     preprocess_workers: int = 2  # threads decoding and tiling media
     max_prepared: int | None = None  # preprocessed requests holding pixels before admission; None: 2 x slots
     tensor_parallel_size: int = 1  # ranks the decoder is cut across (one GPU each, or CPU processes)
@@ -62,7 +62,7 @@ class EngineConfig:
     def check(self) -> None:
         for name in _POSITIVE:
             _positive(name, getattr(self, name))
-        for name in ("max_seq_len", "max_prepared"):
+        for name in ("max_seq_len", "max_prepared", "prefill_chunk"):
             if getattr(self, name) is not None:
                 _positive(name, getattr(self, name))
         for name in ("kv_cache_tokens", "kv_block_size"):
@@ -89,6 +89,15 @@ class EngineConfig:
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{name} must be a positive integer, got {value!r}")
+
+
+def resolve_prefill_chunk(chunk: int | None, device: torch.device) -> int:
+    """A CPU prefills a 3k-token image prompt about a third slower in 1024-token chunks than in
+    one piece (each later chunk attends to the cached ones through a mask, with no causal
+    skipping): there chunks are 4096 tokens, fewer stalls bought with longer ones."""
+    if chunk is not None:
+        return chunk
+    return 4096 if device.type == "cpu" else 1024
 
 
 def resolve_dtype(dtype, device: torch.device) -> torch.dtype:

@@ -9,6 +9,7 @@ docs/request-lifecycle.md; the options are ``EngineConfig``'s (docs/configuratio
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 from collections.abc import Iterator, Mapping
 
@@ -26,7 +27,7 @@ from ..inputs.processing import PixelNormalizer, ProcessingConfig
 from ..ops import report
 from ..ops.backends import use_triton
 from . import loading, scoring
-from .config import EngineConfig, resolve_dtype
+from .config import EngineConfig, resolve_dtype, resolve_prefill_chunk
 from .decode import DecodeRunner
 from .devices import resolve_device
 from .generation import Completion
@@ -54,6 +55,7 @@ class Engine:
         config.check()
         self.device = resolve_device(config.device)  # ConfigError for a device this torch cannot use
         self.dtype = resolve_dtype(config.dtype, self.device)
+        config = dataclasses.replace(config, prefill_chunk=resolve_prefill_chunk(config.prefill_chunk, self.device))
         self.checkpoint, self.config = ckpt, config
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
         self.model_config, self.family = original.model_config(ckpt.config, ckpt.path, self.tokenizer,

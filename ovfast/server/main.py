@@ -58,7 +58,7 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--max-seq-len", type=int)
     g.add_argument("--max-images", type=int, default=16)
     g.add_argument("--max-video-frames", type=int, default=64)
-    g.add_argument("--prefill-chunk", type=int, default=1024)
+    g.add_argument("--prefill-chunk", type=int, default=None, help="prompt tokens per loop turn (default 1024 on a GPU, 4096 on a CPU)")
     g.add_argument("--preprocess-workers", type=int, default=2)
     g.add_argument("--kv-cache-tokens", type=int, help="KV-cache budget in positions (default: from free GPU memory)")
     g.add_argument("--kv-block-size", type=int, help="positions per KV page (default: 256 with flash-attn, else 16)")
