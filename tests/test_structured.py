@@ -348,9 +348,16 @@ def test_mask_rows_flags_and_order_before_penalties(engine):
     assert d.constrained == [False] * 3 and bool((d.mask == -1).all())
 
 
-def test_the_engine_marks_constrained_rows_and_clears_them(engine):
+def test_the_engine_marks_constrained_rows_and_clears_them(engine, monkeypatch):
     d = engine.runner.decode
-    engine.complete(None, PROMPT, choice=["one", "two"], max_new_tokens=5)
+    variants, step = [], d.step
+    monkeypatch.setattr(d, "step", lambda rows, general, masked=False: variants.append((general, masked)) or
+                        step(rows, general, masked))
+    engine.complete(None, PROMPT, regex="[a-z]{5,9}", max_new_tokens=20)
+    assert set(variants) == {(False, True)}  # greedy and constrained: the fast variant, masked
+    variants.clear()
+    engine.complete(None, PROMPT, regex="[a-z]{5,9}", max_new_tokens=20, temperature=0.5, seed=1)
+    assert set(variants) == {(True, True)}
     assert not any(d.constrained) and bool((d.mask == -1).all())
 
 

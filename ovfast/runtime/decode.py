@@ -15,14 +15,14 @@ position 0 and point at the null page: their attention reads nothing and their K
 no sequence owns, so they can never index past the cache or the RoPE table.
 
 Two variants per bucket: plain greedy (argmax) and general (penalties, temperature, top-k/p,
-min-p, keyed draws and log-probabilities; see ``sampling``); and a third, general and masked, for
-steps with a constrained row (structured outputs): each row's token bitmask (``mask``, filled by
-the host between steps; all ones for unconstrained rows) bans tokens before penalties and
-sampling; steps without a constrained row run exactly as before. On CUDA, when the decode attention
-is a kernel (flash-attn or Triton: the torch reference reads lengths on the host), every bucket
-(1, 2, 4, ... up to max_batch_size) is captured in all three variants by ``capture_all``, which
-the engine calls at load (at load, not at first use: under tensor parallelism every rank must
-capture together); elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
+min-p, keyed draws and log-probabilities; see ``sampling``); each also masked, for steps with a
+constrained row (structured outputs): each row's token bitmask (``mask``, filled by the host
+between steps; all ones for unconstrained rows) bans tokens before penalties and sampling. Steps
+without a constrained row run exactly as before, and a masked step leaves an unconstrained row's
+choice bit-identical. On CUDA, when the decode attention is a kernel (flash-attn or Triton: the
+torch reference reads lengths on the host), every bucket (1, 2, 4, ... up to max_batch_size) is
+captured in all four variants by ``capture_all``, which the engine calls at load (not at first
+use: under tensor parallelism every rank must capture together); elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
 same step runs eagerly.
 """
 from __future__ import annotations
@@ -203,7 +203,7 @@ class DecodeRunner:
         """Queue one step for rows 0..rows-1; returns the (bucket,) view of the output tokens.
 
         ``sampling``: the general variant (needed when any row samples, is penalised or wants
-        log-probabilities); ``masked`` (with ``sampling``): some row is constrained."""
+        log-probabilities); ``masked``: some row is constrained."""
         b = self.bucket(rows)
         if not self.use_graphs:
             self._forward(b, sampling, masked)
@@ -216,7 +216,7 @@ class DecodeRunner:
         """Capture every bucket in every variant now (largest first); returns the milliseconds spent."""
         if self.use_graphs:
             for b in reversed(self.buckets):
-                for variant in ((False, False), (True, False), (True, True)):
+                for variant in ((False, False), (True, False), (False, True), (True, True)):
                     if (b, *variant) not in self.graphs:
                         self._capture(b, *variant)
         return self.capture_ms

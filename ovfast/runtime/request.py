@@ -115,8 +115,9 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no penalties, log-probabilities or constraint: the decode step's fast variant."""
-        return self.temperature == 0 and not self.penalised and self.logprobs is None and self.constraint is None
+        """Greedy with no penalties and no log-probabilities: the decode step's fast variant (a
+        constraint only adds its mask)."""
+        return self.temperature == 0 and not self.penalised and self.logprobs is None
 
 
 @dataclass
