@@ -13,6 +13,7 @@ from .errors import (
     EngineBusyError,
     EngineOverloadedError,
     GenerationParamsError,
+    GrammarError,
     ImageReadError,
     ImageTooLargeError,
     InputError,
@@ -21,6 +22,7 @@ from .errors import (
     OvfastError,
     PlaceholderError,
     PromptError,
+    StructuredOutputsUnavailableError,
     TooManyImagesError,
     UnsupportedInputError,
     VideoReadError,
@@ -34,8 +36,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MODEL", "Completion", "ConfigError", "ContextLengthError", "EmptyContinuationError", "EmptyVideoError", "Engine",
-    "EngineBusyError", "EngineConfig", "EngineOverloadedError", "GenerationParamsError", "ImageReadError", "ImageTooLargeError", "InputError", "MediaAccessError",
-    "ModelLoadError", "OvfastError", "PlaceholderError", "PromptError", "RequestHandle", "Timings", "TokenLogprob", "TooManyImagesError",
+    "EngineBusyError", "EngineConfig", "EngineOverloadedError", "GenerationParamsError", "GrammarError", "ImageReadError", "ImageTooLargeError", "InputError", "MediaAccessError",
+    "ModelLoadError", "OvfastError", "PlaceholderError", "PromptError", "RequestHandle", "StructuredOutputsUnavailableError", "Timings", "TokenLogprob", "TooManyImagesError",
     "UnsupportedInputError", "Video", "VideoReadError", "build_checkpoint", "generate", "get_engine", "load",
     "preprocess", "set_max_image_pixels",
 ]

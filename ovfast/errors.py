@@ -75,3 +75,16 @@ class EngineOverloadedError(EngineBusyError):
 
 class MediaAccessError(InputError):
     """A media URL the server may not or could not fetch (domain not allowed, too big, too slow)."""
+
+
+class GrammarError(GenerationParamsError):
+    """A structured-output constraint (``response_format``, ``regex``, ``choice``, ``grammar``) is
+    malformed, uses a JSON-schema keyword that cannot be enforced, or does not compile."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param  # the request parameter at fault ("response_format", "regex", ...)
+
+
+class StructuredOutputsUnavailableError(GenerationParamsError):
+    """A constrained request on an install without xgrammar (the ``structured`` extra)."""

@@ -42,6 +42,7 @@ class FakeText:
 @dataclass
 class FakePending:
     stepped: dict
+    constrained: bool = False
 
 
 @dataclass
@@ -55,6 +56,7 @@ class FakeRunner:
     fail_launch_at: int | None = None  # the n-th launch raises
     block: threading.Event | None = None  # advance() waits on it (a long device call)
     launches: int = 0
+    constrained: bool = False  # every step has a constrained row (structured outputs)
 
     def begin(self, seq):
         self.calls.append(("begin", seq.handle.id))
@@ -92,9 +94,10 @@ class FakeRunner:
         if self.fail_launch_at == self.launches:
             raise RuntimeError("simulated step failure")
         self.calls.append(("launch", tuple(sorted(s.handle.id for s in active.values()))))
-        return FakePending(dict(active))
+        return FakePending(dict(active), self.constrained)
 
     def collect(self, pending):
+        self.calls.append(("collect", self.launches))
         out = []
         for seq in pending.stepped.values():
             if seq.status is not Status.DECODING or seq.done_generating:
@@ -155,6 +158,24 @@ def test_requests_go_through_every_status_in_order():
     st = s.stats()
     assert st["running"] == st["waiting"] == st["prepared"] == 0 and st["free_slots"] == 2
     assert st["requests_finished"] == 1 and st["tokens_generated"] == 3
+    s.close()
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_a_constrained_step_is_read_before_the_next_launch(constrained):
+    """Steps are queued one ahead, except a step with a constrained row: its tokens set the next
+    masks, so it is collected before the next launch."""
+    runner = FakeRunner(constrained=constrained)
+    s = make(runner)
+    assert s.submit(lambda: prepared(3, max_new_tokens=6)).result(timeout=10).token_ids == [1, 2, 3, 4, 5, 6]
+    steps = [c for c in runner.calls if c[0] in ("launch", "collect")]
+    # ("collect", n): the n-th launch was the latest when it ran
+    collected_late = [c for i, c in enumerate(steps) if c[0] == "collect" and steps[i - 1][0] == "launch"
+                      and i >= 2 and steps[i - 2][0] == "launch"]
+    if constrained:
+        assert all(a[0] != b[0] for a, b in zip(steps, steps[1:])), steps  # launch, collect, launch, ...
+    else:
+        assert collected_late, steps  # launch, launch, collect: the overlap
     s.close()
 
 

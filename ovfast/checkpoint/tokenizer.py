@@ -118,6 +118,10 @@ class Tokenizer:
             return bytes(_BYTE_OF_CHAR[c] for c in piece)
         return self.decode([token_id], skip_special_tokens=False).encode("utf-8")
 
+    def special_ids(self) -> frozenset[int]:
+        """Ids of the added tokens marked special (<|im_start|>, <image>, ...): markup, never text."""
+        return frozenset(i for i, t in self._tok.get_added_tokens_decoder().items() if t.special)
+
     def _added_ids(self) -> frozenset[int]:
         if getattr(self, "_added", None) is None:
             self._added = frozenset(self._tok.get_added_tokens_decoder())

@@ -15,10 +15,14 @@ position 0 and point at the null page: their attention reads nothing and their K
 no sequence owns, so they can never index past the cache or the RoPE table.
 
 Two variants per bucket: plain greedy (argmax) and general (penalties, temperature, top-k/p,
-min-p, keyed draws and log-probabilities; see ``sampling``). On CUDA, when the decode attention
-is a kernel (flash-attn or Triton: the torch reference reads lengths on the host), every bucket
-(1, 2, 4, ... up to max_batch_size) is captured in both variants by ``capture_all``, which the
-engine calls at load; elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
+min-p, keyed draws and log-probabilities; see ``sampling``); each also masked, for steps with a
+constrained row (structured outputs): each row's token bitmask (``mask``, filled by the host
+between steps; all ones for unconstrained rows) bans tokens before penalties and sampling. Steps
+without a constrained row run exactly as before, and a masked step leaves an unconstrained row's
+choice bit-identical. On CUDA, when the decode attention is a kernel (flash-attn or Triton: the
+torch reference reads lengths on the host), every bucket (1, 2, 4, ... up to max_batch_size) is
+captured in all four variants by ``capture_all``, which the engine calls at load (not at first
+use: under tensor parallelism every rank must capture together); elsewhere, and with ``cuda_graphs=False`` (``OVFAST_CUDA_GRAPHS=0``), the
 same step runs eagerly.
 """
 from __future__ import annotations
@@ -91,9 +95,14 @@ class DecodeRunner:
         k = min(sampling.MAX_LOGPROBS, vocab)
         self.top_logprobs = torch.zeros(n, k, **f32)
         self.top_ids = torch.zeros(n, k, **long)
+        # Structured outputs: each row's allowed tokens, bit j of word w standing for token 32 w + j
+        # (xgrammar's layout); all ones (-1) for every row not constrained.
+        self.mask = torch.full((n, (vocab + 31) // 32), -1, dtype=torch.int32, device=device)
+        self._bit = torch.arange(32, dtype=torch.int32, device=device)
+        self.constrained = [False] * n  # rows whose mask is set (host side: retire resets only those)
         # Tensor parallelism: tokens, positions, active and the block tables, broadcast at each step.
         self._step_inputs = torch.zeros((3 + max_blocks) * n, **long)
-        self.graphs: dict[tuple[int, bool], torch.cuda.CUDAGraph] = {}
+        self.graphs: dict[tuple[int, bool, bool], torch.cuda.CUDAGraph] = {}  # (bucket, general, masked)
         self.capture_ms = 0.0
         self.use_graphs = (
             device.type == "cuda"
@@ -139,6 +148,15 @@ class DecodeRunner:
         self.active[slot] = False
         self.positions[slot] = 0
         self.block_tables[slot].zero_()
+        if self.constrained[slot]:
+            self.mask[slot].fill_(-1)
+            self.constrained[slot] = False
+
+    def set_mask(self, slot: int, words: torch.Tensor) -> None:
+        """The row's allowed next tokens (a host int32 bitmask row; pinned on CUDA). Written only
+        after a sync that follows the row's previous copy, so the host row is never in flight."""
+        self.mask[slot].copy_(words, non_blocking=True)
+        self.constrained[slot] = True
 
     def set_blocks(self, slot: int, start: int, blocks: list[int]) -> None:
         """Entries start.. of the row's block table (a sequence's pages, appended as it grows).
@@ -152,12 +170,15 @@ class DecodeRunner:
 
     # --- token choice (shared by the step and a prefill's first token) ----------------------------
 
-    def choose(self, logits: torch.Tensor, rows: slice, positions: torch.Tensor, general: bool):
+    def choose(self, logits: torch.Tensor, rows: slice, positions: torch.Tensor, general: bool,
+               masked: bool = False):
         """Next token of ``rows`` from fp32 ``logits``; with ``general`` also penalties and log-probabilities
-        (written to ``out_logprob`` / ``top_logprobs`` / ``top_ids``). Sync-free."""
+        (written to ``out_logprob`` / ``top_logprobs`` / ``top_ids``); with ``masked`` only tokens the
+        rows' ``mask`` allows (the log-probabilities stay the model's own). Sync-free."""
+        x = self._allowed_only(logits, rows) if masked else logits
         if not general:
-            return logits.argmax(dim=-1)
-        x = sampling.apply_penalties(logits, self.counts[rows], self.seen[rows], self.repetition[rows],
+            return x.argmax(dim=-1)
+        x = sampling.apply_penalties(x, self.counts[rows], self.seen[rows], self.repetition[rows],
                                      self.presence[rows], self.frequency[rows])
         noise = sampling.keyed_noise(self.seeds[rows], positions, x.shape[-1])
         nxt = sampling.choose(x, self.temperature[rows], self.top_p[rows], self.top_k[rows], self.min_p[rows], noise)
@@ -167,35 +188,41 @@ class DecodeRunner:
         self.top_ids[rows].copy_(top_ids)
         return nxt
 
+    def _allowed_only(self, logits: torch.Tensor, rows: slice) -> torch.Tensor:
+        """``logits`` with every token the rows' bitmask bans at -inf (all-ones rows: unchanged)."""
+        bits = (self.mask[rows, :, None] >> self._bit) & 1  # arithmetic shift: bit 31 comes out right too
+        allowed = bits.flatten(1)[:, : logits.shape[-1]].bool()
+        return logits.masked_fill(~allowed, float("-inf"))
+
     # --- the step ---------------------------------------------------------------------------------
 
     def bucket(self, rows: int) -> int:
         return next(b for b in self.buckets if b >= rows)
 
-    def step(self, rows: int, sampling: bool) -> torch.Tensor:
+    def step(self, rows: int, sampling: bool, masked: bool = False) -> torch.Tensor:
         """Queue one step for rows 0..rows-1; returns the (bucket,) view of the output tokens.
 
         ``sampling``: the general variant (needed when any row samples, is penalised or wants
-        log-probabilities)."""
+        log-probabilities); ``masked``: some row is constrained."""
         b = self.bucket(rows)
         if not self.use_graphs:
-            self._forward(b, sampling)
+            self._forward(b, sampling, masked)
         else:
-            graph = self.graphs.get((b, sampling)) or self._capture(b, sampling)
+            graph = self.graphs.get((b, sampling, masked)) or self._capture(b, sampling, masked)
             graph.replay()
         return self.out[:b]
 
     def capture_all(self) -> float:
-        """Capture every bucket in both variants now (largest first); returns the milliseconds spent."""
+        """Capture every bucket in every variant now (largest first); returns the milliseconds spent."""
         if self.use_graphs:
             for b in reversed(self.buckets):
-                for variant in (False, True):
-                    if (b, variant) not in self.graphs:
-                        self._capture(b, variant)
+                for variant in ((False, False), (True, False), (False, True), (True, True)):
+                    if (b, *variant) not in self.graphs:
+                        self._capture(b, *variant)
         return self.capture_ms
 
     @torch.inference_mode()
-    def _forward(self, b: int, general: bool) -> None:
+    def _forward(self, b: int, general: bool, masked: bool = False) -> None:
         lm = self.lm
         tokens, positions, active, tables = self.tokens[:b], self.positions[:b], self.active[:b], self.block_tables[:b]
         if self.tp is not None:
@@ -205,7 +232,7 @@ class DecodeRunner:
         logits = lm.logits(lm(lm.embed(tokens), batch, self.cache.k, self.cache.v))
         if self.worker:  # rank 0 chooses; a worker's part ends with the logits gather
             return
-        nxt = self.choose(logits, slice(0, b), positions, general)
+        nxt = self.choose(logits, slice(0, b), positions, general, masked)
         self.out[:b].copy_(nxt)
         tokens.copy_(torch.where(active, nxt, tokens))
         if general:  # the penalties' bookkeeping (only the general variant reads it)
@@ -231,7 +258,7 @@ class DecodeRunner:
             active.copy_(rows[2].bool())
             tables.copy_(pages)
 
-    def _capture(self, b: int, general: bool) -> torch.cuda.CUDAGraph:
+    def _capture(self, b: int, general: bool, masked: bool) -> torch.cuda.CUDAGraph:
         t0 = time.perf_counter()
         # Warm up on a side stream (first-call allocations and autotuning stay out of the graph),
         # then capture into a pool shared by all buckets. The warm-up and capture steps compute on
@@ -241,17 +268,17 @@ class DecodeRunner:
             stream = torch.cuda.Stream(self.device)
             stream.wait_stream(torch.cuda.current_stream(self.device))
             with torch.cuda.stream(stream):
-                self._forward(b, general)
+                self._forward(b, general, masked)
             torch.cuda.current_stream(self.device).wait_stream(stream)
             graph = torch.cuda.CUDAGraph()
             if self._pool is None:
                 self._pool = torch.cuda.graph_pool_handle()
             # thread_local: preprocessing threads pinning host memory meanwhile cannot break the capture.
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
-                self._forward(b, general)
+                self._forward(b, general, masked)
             for t, s in zip((self.tokens, self.positions, self.counts, self.seen), saved):
                 t.copy_(s)
             torch.cuda.synchronize(self.device)
-        self.graphs[(b, general)] = graph
+        self.graphs[(b, general, masked)] = graph
         self.capture_ms += (time.perf_counter() - t0) * 1e3
         return graph

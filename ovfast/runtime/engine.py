@@ -28,6 +28,7 @@ from ..ops import report
 from ..ops.backends import use_triton
 from . import loading, scoring
 from .config import EngineConfig, resolve_dtype, resolve_prefill_chunk
+from .constraints import Grammars
 from .decode import DecodeRunner
 from .devices import resolve_device
 from .generation import Completion
@@ -89,9 +90,11 @@ class Engine:
         self.kv_info["kv_cache_tokens"] = (num_blocks - 1) * block_size
         # A request must fit the whole cache: prompt + answer + the position written ahead.
         self.context_limit = min(max_seq_len, (num_blocks - 1) * block_size - 1)
+        # Structured outputs: xgrammar and its vocabulary table come at the first constrained request.
+        self.grammars = Grammars(self.tokenizer, cfg.text.vocab_size, self.eos_ids)
         self.requests = RequestBuilder(
             cfg, proc, self.tokenizer, ChatTemplate(template) if template else None,
-            Limits(self.context_limit, config.max_images, config.max_video_frames),
+            Limits(self.context_limit, config.max_images, config.max_video_frames), self.grammars,
         )
         with self._on_device():
             built = loading.build_model(ckpt, cfg, self.device, self.dtype, parallel, weights)
@@ -157,13 +160,20 @@ class Engine:
         or ``messages`` (OpenAI-style chat turns, see ``chat``). ``params``: ``max_new_tokens``,
         ``temperature``, ``top_p``, ``top_k``, ``min_p``, ``seed``, ``stop``, ``ignore_eos``,
         ``repetition_penalty``, ``presence_penalty``, ``frequency_penalty``, ``logprobs`` (None, or
-        how many alternatives, up to 20, beside each chosen token's log-probability).
+        how many alternatives, up to 20, beside each chosen token's log-probability), and at most
+        one constraint on the answer (structured outputs, docs/serving.md): ``response_format``
+        (OpenAI's: ``{"type": "json_object"}`` or ``{"type": "json_schema", "json_schema": {"name",
+        "schema", "strict"}}``), ``regex``, ``choice`` (a list of strings) or ``grammar`` (EBNF).
+        A constrained answer holds only tokens its grammar allows and ends (finish_reason "stop")
+        when the grammar is complete; it needs xgrammar (``pip install 'ovfast[structured]'``).
 
         Parameters are checked here; media errors arrive on the handle (``result()`` raises them).
         Beyond ``max_queue`` waiting requests this raises ``EngineOverloadedError`` before any
         preprocessing.
         """
         p = _params(params)
+        if p.constraint is not None:
+            self.grammars.require()  # compiled on the worker; a missing xgrammar is the caller's error now
         device_tiling = use_triton(self.device)
         if messages is not None:
             if images is not None or prompt is not None:

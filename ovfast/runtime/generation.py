@@ -150,6 +150,7 @@ class Sequence:
     tokens: list[int] = field(default_factory=list)
     logprobs: list | None = None
     finish_reason: str | None = None  # set with the token that ends it ("stop", "length") or by cancel()
+    grammar: object | None = None  # a constrained request's ``constraints.GrammarState`` (kept across a preemption)
 
     @property
     def submitted(self) -> float:
@@ -184,11 +185,15 @@ class Sequence:
         if self.finish_reason:
             self.text.close()
 
-    def cancel(self) -> None:
+    def end(self, reason: str) -> None:
+        """It ends now, with ``reason`` (its grammar is complete: "stop"; cancelled: "cancelled")."""
         if not self.finish_reason:
-            self.finish_reason = "cancelled"
+            self.finish_reason = reason
             if self.text is not None:
                 self.text.close()
+
+    def cancel(self) -> None:
+        self.end("cancelled")
 
     def completion(self) -> Completion:
         if self.text is None:  # ended before it was prepared or admitted

@@ -8,7 +8,8 @@ step later, and jobs that need no slot (``encode_media``, ``prompt_hidden``). It
 scheduler; the scheduler never touches the model.
 
 Host syncs: only where a value is needed on the host: the first token of a sequence and each
-decode step's tokens (read one step late). Vision pieces and non-final prefill chunks queue
+decode step's tokens (read one step late; for a step with a constrained row, before the next is
+launched, since that row's next token mask depends on them). Vision pieces and non-final prefill chunks queue
 work and return; their durations are taken from device events once the first token has synced.
 
 Under tensor parallelism this class is the one mirror point: every decoder call it makes
@@ -48,6 +49,7 @@ class Pending:
     event: object | None
     stepped: dict[int, Sequence]
     logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None
+    constrained: bool = False  # a row follows a grammar: collect this step before launching the next
 
 
 class VisionPlan:
@@ -94,6 +96,8 @@ class ModelRunner:
         self._host_logprobs = [(torch.zeros(n, pin_memory=pin), torch.zeros(n, k, pin_memory=pin),
                                 torch.zeros(n, k, dtype=torch.long, pin_memory=pin)) for _ in range(2)]
         self._flip = 0
+        # Constrained rows' next-token bitmasks, filled here by their grammars and copied to the decode step.
+        self._host_mask = torch.full(tuple(decode.mask.shape), -1, dtype=torch.int32, pin_memory=pin)
         self.vision_warmup_ms = 0.0
         if self.device.type == "cpu":
             kernel_for("linear", self.device)  # builds the CPU kernels now (once per machine), not in a request
@@ -150,6 +154,10 @@ class ModelRunner:
             seq.timings.preprocess_ms = req.preprocess_ms
             if p.logprobs is not None:
                 seq.logprobs = []
+            if req.grammar is not None:
+                seq.grammar = req.grammar.start()
+        if seq.grammar is not None:  # (resuming: the state it had, every token so far accepted)
+            self._next_mask(seq)
         context = seq.context_ids()
         ids = torch.tensor(context, dtype=torch.long, device=self.device)
         self.decode.set_params(slot, p, seq.seed, ids[: len(req.input_ids)], seq.tokens[:-1] if seq.resuming else [])
@@ -194,9 +202,10 @@ class ModelRunner:
     def launch(self, active: dict[int, Sequence]) -> Pending:
         """Queue one decode step for the decoding slots ``active``; ``collect`` reads it."""
         general = not all(seq.request.params.plain_greedy for seq in active.values())
+        masked = any(seq.grammar is not None for seq in active.values())
         rows = max(active) + 1
-        self._announce("decode", rows=rows, general=general)
-        out = self.decode.step(rows, general)
+        self._announce("decode", rows=rows, general=general)  # (the workers choose nothing: no mask there)
+        out = self.decode.step(rows, general, masked)
         b = out.shape[0]
         self._flip ^= 1
         host = self._host_tokens[self._flip][:b]
@@ -211,7 +220,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             event = torch.cuda.Event()
             event.record()
-        return Pending(host, event, dict(active), logprobs)
+        return Pending(host, event, dict(active), logprobs, masked)
 
     def collect(self, pending: Pending) -> list[Sequence]:
         """Wait for a launched step; each stepped sequence still decoding gets its token. Returns them."""
@@ -226,7 +235,7 @@ class ModelRunner:
             seq.length += 1
             if seq.logprobs is not None:
                 self._record_logprobs(seq, tokens[slot], *pending.logprobs, slot)
-            seq.add_token(tokens[slot], self.eos_ids)
+            self._add_token(seq, tokens[slot])
             seq.previous_token, seq.last_token = seq.last_token, now
             seq.timings.decode_ms = (now - seq.decode_start) * 1e3
             seq.timings.decode_tokens = len(seq.tokens) - 1
@@ -380,7 +389,8 @@ class ModelRunner:
         p = seq.request.params
         rows = slice(seq.slot, seq.slot + 1)
         logits = self.logits(hidden[-1:])
-        chosen = self.decode.choose(logits, rows, torch.tensor([total - 1], device=self.device), not p.plain_greedy)
+        chosen = self.decode.choose(logits, rows, torch.tensor([total - 1], device=self.device), not p.plain_greedy,
+                                    seq.grammar is not None)
         token = int(chosen)  # the one sync of a prefill: the first token is needed on the host
         seq.marks.append(("prefill", start_mark, self._clock()))
         self._read_spans(seq)
@@ -389,8 +399,23 @@ class ModelRunner:
             self._record_logprobs(seq, token, d.out_logprob[rows], d.top_logprobs[rows], d.top_ids[rows], 0)
         seq.decode_start = seq.last_token = time.perf_counter()
         seq.length = total
-        seq.add_token(token, self.eos_ids)
+        self._add_token(seq, token)
         return True
+
+    def _add_token(self, seq: Sequence, token: int) -> None:
+        """``seq``'s next token; a constrained sequence's grammar takes it and gives the next mask,
+        or ends the answer when nothing but its end can follow."""
+        seq.add_token(token, self.eos_ids)
+        if seq.grammar is None or seq.done_generating:
+            return
+        seq.grammar.accept(token)
+        self._next_mask(seq)
+
+    def _next_mask(self, seq: Sequence) -> None:
+        if seq.grammar.fill(self._host_mask, seq.slot):
+            self.decode.set_mask(seq.slot, self._host_mask[seq.slot])
+        else:
+            seq.end("stop")
 
     def _record_logprobs(self, seq: Sequence, token: int, chosen, top_lp, top_ids, row: int) -> None:
         n = seq.request.params.logprobs

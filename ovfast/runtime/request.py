@@ -23,12 +23,15 @@ from ..errors import (
     GenerationParamsError,
     PlaceholderError,
     PromptError,
+    StructuredOutputsUnavailableError,
     TooManyImagesError,
     UnsupportedInputError,
 )
 from ..inputs.items import open_item
 from ..inputs.media import Video, as_items
 from ..inputs.processing import ProcessingConfig, VisualItem
+from . import constraints
+from .constraints import CompiledConstraint, Constraint, Grammars
 from .sampling import MAX_LOGPROBS
 
 _MARKERS = re.compile(f"({re.escape(IMAGE_MARKER)}|{re.escape(VIDEO_MARKER)})")
@@ -60,14 +63,16 @@ class SamplingParams:
     presence_penalty: float = 0.0  # OpenAI's (output tokens); 0 = off
     frequency_penalty: float = 0.0
     logprobs: int | None = None  # None: off; n: the chosen token's log-probability and the n most likely
+    constraint: Constraint | None = None  # structured outputs: what the answer must match (``constraints``)
 
     NAMES = ("max_new_tokens", "temperature", "top_p", "top_k", "seed", "stop", "ignore_eos", "min_p",
-             "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs")
+             "repetition_penalty", "presence_penalty", "frequency_penalty", "logprobs",
+             "response_format", "regex", "choice", "grammar")
 
     @classmethod
     def make(cls, max_new_tokens=256, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=None,
              ignore_eos=False, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-             logprobs=None) -> "SamplingParams":
+             logprobs=None, response_format=None, regex=None, choice=None, grammar=None) -> "SamplingParams":
         if max_new_tokens is not None and (isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int)
                                            or max_new_tokens < 1):
             raise GenerationParamsError(f"max_new_tokens must be a positive integer or None, got {max_new_tokens!r}")
@@ -100,8 +105,9 @@ class SamplingParams:
         elif logprobs is not None and (not isinstance(logprobs, int) or not 0 <= logprobs <= MAX_LOGPROBS):
             raise GenerationParamsError(f"logprobs must be None, a bool or an integer in [0, {MAX_LOGPROBS}], got {logprobs!r}")
         top_k = min(top_k, TOP_K_MAX)  # more than the vocabulary is all of it; keeps int64 device tensors whole
+        constraint = constraints.parse(response_format, regex, choice, grammar)
         return cls(max_new_tokens, float(temperature), float(top_p), top_k, seed, stop, bool(ignore_eos), min_p,
-                   repetition_penalty, presence_penalty, frequency_penalty, logprobs)
+                   repetition_penalty, presence_penalty, frequency_penalty, logprobs, constraint)
 
     @property
     def penalised(self) -> bool:
@@ -109,7 +115,8 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Greedy with no penalties and no log-probabilities: the decode step's fast variant."""
+        """Greedy with no penalties and no log-probabilities: the decode step's fast variant (a
+        constraint only adds its mask)."""
         return self.temperature == 0 and not self.penalised and self.logprobs is None
 
 
@@ -120,6 +127,7 @@ class PreparedRequest:
     params: SamplingParams
     preprocess_ms: float
     spans: list[tuple[int, int]] = field(default_factory=list)  # each item's (start, stop) prompt positions
+    grammar: CompiledConstraint | None = None  # params.constraint, compiled
 
 
 @dataclass(frozen=True)
@@ -131,8 +139,9 @@ class Limits:
 
 class RequestBuilder:
     def __init__(self, model: ModelConfig, proc: ProcessingConfig, tokenizer: Tokenizer,
-                 template: ChatTemplate | None, limits: Limits):
+                 template: ChatTemplate | None, limits: Limits, grammars: Grammars | None = None):
         self.model, self.proc, self.tokenizer, self.template, self.limits = model, proc, tokenizer, template, limits
+        self.grammars = grammars
         self.original = model.semantics == "original"  # prompts in LLaVA-NeXT's qwen_1_5 format
 
     def prepare(self, images, prompt: str, chat: bool, params: SamplingParams,
@@ -191,7 +200,8 @@ class RequestBuilder:
 
     def _build(self, items: list, text: str, params: SamplingParams, device_tiling: bool, t0: float) -> PreparedRequest:
         """Tokenise, check placeholders against items, count (rejecting over-long requests before
-        any resizing), tile, expand the placeholders."""
+        any resizing), tile, expand the placeholders; compile the constraint."""
+        grammar = self._compile(params.constraint)
         n_images = sum(not isinstance(x, Video) for x in items)
         n_videos = len(items) - n_images
         _check_text(text)
@@ -209,7 +219,14 @@ class RequestBuilder:
             )
         visual = [with_key(o.tile(on_device=device_tiling), self.proc, self.model) for o in opened]
         ids, spans = self._expand(ids, visual)
-        return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3, spans)
+        return PreparedRequest(visual, ids, params, (time.perf_counter() - t0) * 1e3, spans, grammar)
+
+    def _compile(self, constraint: Constraint | None) -> CompiledConstraint | None:
+        if constraint is None:
+            return None
+        if self.grammars is None:
+            raise StructuredOutputsUnavailableError("this engine was built without structured outputs")
+        return self.grammars.compile(constraint)
 
     def _tokenize(self, text: str, items: list) -> list[int]:
         """Token ids of ``text`` with one placeholder id per ``<image>`` / ``<video>`` marker.

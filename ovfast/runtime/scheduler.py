@@ -10,7 +10,9 @@ A loop turn: admit ready sequences into free slots, run one waiting job (``run_j
 needs the device but no slot), advance the oldest prefilling sequence by one piece, launch a
 decode step, then collect the step launched the turn before. Steps are queued one ahead: while
 the device computes step t+1, the host turns step t's tokens into text. A sequence found
-finished at step t already had step t+1 computed; that token is dropped.
+finished at step t already had step t+1 computed; that token is dropped. A step with a
+constrained row (structured outputs) is collected before the next launch instead: that row's
+next token mask depends on the token it chose, so such batches give up the overlap.
 
 Calls go one way: the scheduler calls the runner (``begin``, ``advance``, ``start_decoding``,
 ``launch``, ``collect``, ``retire``) and reads what it returns; the runner never calls back. The
@@ -328,6 +330,9 @@ class Scheduler:
         if job is not None:
             self._run_job(*job)
         self._prefill_piece()
+        if in_flight is not None and in_flight.constrained:  # its grammars need its tokens before the next step
+            self._collect(in_flight)
+            in_flight = None
         queued = self._launch()
         if in_flight is not None:
             self._collect(in_flight)

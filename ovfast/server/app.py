@@ -31,11 +31,13 @@ from .protocol import (
     Reply,
     api_error,
     completion_prompt,
+    constraint,
     engine_messages,
     parse_body,
     sampling_params,
     stream_options,
 )
+from .tools import ToolCallText, tool_choice
 
 log = logging.getLogger("ovfast.serve")
 
@@ -111,11 +113,14 @@ class Server:
         t0 = time.perf_counter()
         reply = Reply("chat.completion" if chat else "text_completion", self.config.name)
         prompt_param = "messages" if chat else "prompt"
-        handle, streaming, status, completion = None, False, 500, None
+        handle, streaming, status, completion, constraint_param = None, False, 500, None, None
         try:
             self.check_ready()
             body = await self.body(request)
             params = sampling_params(body, chat)
+            tools = tool_choice(body) if chat else None
+            extra, constraint_param = constraint(body, tools.response_format() if tools else None)
+            params.update(extra)
             stream, include_usage = stream_options(body)
             reply.token_bytes = self.engine.tokenizer.token_bytes
             if chat:
@@ -126,14 +131,20 @@ class Server:
             await handle.aprepared()  # media and context errors: a 400 before any response byte
             if stream:
                 streaming = True
-                return StreamingResponse(self._events(handle, reply, include_usage, t0), media_type="text/event-stream",
+                events = self._events(handle, reply, include_usage, t0, ToolCallText() if tools else None)
+                return StreamingResponse(events, media_type="text/event-stream",
                                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
             completion = await self._wait(request, handle)
             if completion is None:  # the client left
                 status = 499
                 return Response(status_code=499)
             status = 200
-            return JSONResponse(reply.full(completion))
+            call = None
+            if tools:
+                parsed = ToolCallText()
+                parsed.feed(completion.text)
+                _, call = parsed.finish()
+            return JSONResponse(reply.full(completion, call))
         except ClientDisconnect:
             if handle is not None:
                 handle.cancel()
@@ -145,7 +156,7 @@ class Server:
                 handle.cancel()
             if not isinstance(e, Exception):
                 raise  # cancelled: the client is gone
-            err = api_error(e, prompt_param)
+            err = api_error(e, prompt_param, constraint_param)
             status = err.status
             if status >= 500 and not isinstance(e, APIError):  # an APIError is an expected answer (503 draining)
                 log.exception("%s failed", reply.response_id)
@@ -175,17 +186,31 @@ class Server:
         result.cancel()
         return None
 
-    async def _events(self, handle, reply: Reply, include_usage: bool, t0: float):
+    async def _events(self, handle, reply: Reply, include_usage: bool, t0: float, tool: ToolCallText | None = None):
+        """The answer as Server-Sent Events: text deltas, or with ``tool`` the deltas of one tool call."""
         status, completion = 200, None
         try:
             self._track(handle)
-            yield _sse(reply.chunk("", first=True))
+            yield _sse(reply.chunk("", first=True) if tool is None else reply.tool_chunk([], first=True))
             async for piece in handle:
-                yield _sse(reply.chunk(piece))
+                if tool is None:
+                    yield _sse(reply.chunk(piece))
+                elif deltas := tool.feed(piece):
+                    yield _sse(reply.tool_chunk(deltas))
             completion = await handle.aresult()
             # "cancelled": the drain stopped it at the end of the grace period (the text so far was sent)
             finish = completion.finish_reason if completion.finish_reason in ("length", "cancelled") else "stop"
-            yield _sse(reply.chunk(None, finish=finish, logprobs=completion.logprobs))
+            call = None
+            if tool is not None:
+                deltas, call = tool.finish()
+                if call is not None:
+                    if deltas:
+                        yield _sse(reply.tool_chunk(deltas))
+                    yield _sse(reply.tool_chunk([], finish="tool_calls", logprobs=completion.logprobs))
+                elif tool.name is None and completion.text:  # not a call after all (cut short): the text
+                    yield _sse(reply.chunk(completion.text))
+            if call is None:
+                yield _sse(reply.chunk(None, finish=finish, logprobs=completion.logprobs))
             if include_usage:
                 yield _sse(reply.usage_chunk(completion))
             yield "data: [DONE]\n\n"

@@ -20,9 +20,11 @@ from ..errors import (
     EngineBusyError,
     EngineOverloadedError,
     GenerationParamsError,
+    GrammarError,
     InputError,
     OvfastError,
     PromptError,
+    StructuredOutputsUnavailableError,
 )
 from ..inputs.media import Video
 from ..runtime.generation import Completion, TokenLogprob
@@ -48,11 +50,15 @@ class APIError(Exception):
 _API_NAMES = {"max_new_tokens": "max_tokens", "logprobs": "top_logprobs"}
 
 
-def api_error(e: BaseException, prompt_param: str = "messages") -> APIError:
+def api_error(e: BaseException, prompt_param: str = "messages", constraint_param: str | None = None) -> APIError:
     """The HTTP error for an exception from the engine or from parsing; ``prompt_param`` names
-    where the prompt came from ("messages" for chat, "prompt" for completions)."""
+    where the prompt came from ("messages" for chat, "prompt" for completions), ``constraint_param``
+    the body key of the request's constraint ("response_format", "structured_outputs", "tools")."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, (GrammarError, StructuredOutputsUnavailableError)):
+        code = "invalid_schema" if isinstance(e, GrammarError) else "structured_outputs_unavailable"
+        return APIError(400, str(e), param=constraint_param or getattr(e, "param", None), code=code)
     if isinstance(e, EngineOverloadedError):
         return APIError(429, str(e), "rate_limit_error", code="queue_full", headers={"Retry-After": "1"})
     if isinstance(e, EngineBusyError):
@@ -109,6 +115,26 @@ def parse_body(data: bytes) -> dict:
 
 # --- parameters ------------------------------------------------------------------------------
 
+# Every body key the endpoints read; any other is refused (400), so a parameter this server does not
+# implement is never silently ignored. The metadata keys change nothing in the answer.
+_METADATA = {"user", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier"}
+_COMMON_KEYS = {
+    "model", "max_tokens", "temperature", "top_p", "n", "stop", "seed", "stream", "stream_options", "logprobs",
+    "presence_penalty", "frequency_penalty", "logit_bias", "response_format",
+    "top_k", "min_p", "repetition_penalty", "ignore_eos", "structured_outputs",  # vLLM's extras
+} | _METADATA
+CHAT_KEYS = frozenset(_COMMON_KEYS | {"messages", "max_completion_tokens", "top_logprobs", "tools", "tool_choice",
+                                      "parallel_tool_calls", "functions", "function_call"})
+COMPLETION_KEYS = frozenset(_COMMON_KEYS | {"prompt", "echo", "suffix", "best_of"})
+
+
+def check_keys(body: dict, chat: bool) -> None:
+    known = CHAT_KEYS if chat else COMPLETION_KEYS
+    unknown = sorted(k for k in body if k not in known)
+    if unknown:
+        raise APIError(400, f"unknown parameter {unknown[0]!r}: this endpoint does not implement it (it accepts "
+                            f"{', '.join(sorted(known))})", param=unknown[0], code="unknown_parameter")
+
 
 def _get(body: dict, name: str, kinds: tuple, default=None):
     value = body.get(name, default)
@@ -122,18 +148,17 @@ def _get(body: dict, name: str, kinds: tuple, default=None):
 
 
 def sampling_params(body: dict, chat: bool) -> dict:
-    """Engine keyword arguments from an OpenAI body (defaults as OpenAI's: temperature 1, top_p 1)."""
+    """Engine keyword arguments from an OpenAI body (defaults as OpenAI's: temperature 1, top_p 1),
+    the constraint aside (``constraint``)."""
+    check_keys(body, chat)
     n = _get(body, "n", (int,), 1)
     if n != 1:
         raise APIError(400, "only n=1 is supported", param="n")
-    for unsupported in ("tools", "functions"):
-        if body.get(unsupported):
-            raise APIError(400, f"{unsupported} are not supported by this server", param=unsupported)
-    fmt = body.get("response_format")
-    if fmt is not None and (not isinstance(fmt, dict) or fmt.get("type") != "text"):
-        raise APIError(400, "only response_format {'type': 'text'} is supported", param="response_format")
-    if body.get("echo"):
-        raise APIError(400, "echo is not supported", param="echo")
+    if body.get("best_of") not in (None, 1):
+        raise APIError(400, "only best_of=1 is supported", param="best_of")
+    for unsupported in ("functions", "function_call", "logit_bias", "echo", "suffix"):
+        if body.get(unsupported) and body.get(unsupported) != "none":
+            raise APIError(400, f"{unsupported} is not supported by this server", param=unsupported)
     if chat:
         max_tokens = _get(body, "max_completion_tokens", (int,), None)
         max_tokens = _get(body, "max_tokens", (int,), None) if max_tokens is None else max_tokens
@@ -168,6 +193,42 @@ def sampling_params(body: dict, chat: bool) -> dict:
         "repetition_penalty": _get(body, "repetition_penalty", (int, float), 1.0),
         "ignore_eos": _get(body, "ignore_eos", (bool,), False), "logprobs": logprobs,
     }
+
+
+_STRUCTURED = ("json", "regex", "choice", "grammar")
+
+
+def constraint(body: dict, tool_format: dict | None = None) -> tuple[dict, str | None]:
+    """(the engine's constraint keyword argument, the body key it came from): ``response_format``,
+    ``structured_outputs`` (vLLM's: exactly one of json, regex, choice, grammar) or the tools'
+    ``tool_format``; at most one of them. The engine checks the constraint itself."""
+    found = []
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):
+        found.append(("response_format", {"response_format": fmt}))
+    so = body.get("structured_outputs")
+    if so is not None:
+        keys = [k for k, v in so.items() if v is not None] if isinstance(so, dict) else []
+        if not isinstance(so, dict) or len(keys) != 1 or keys[0] not in _STRUCTURED:
+            raise APIError(400, f"structured_outputs must have exactly one of {', '.join(_STRUCTURED)}",
+                           param="structured_outputs")
+        key, value = keys[0], so[keys[0]]
+        if key == "json":
+            if isinstance(value, str):
+                try:
+                    value = json.loads(value)
+                except ValueError as e:
+                    raise APIError(400, f"structured_outputs.json is not JSON: {e}", param="structured_outputs") from None
+            found.append(("structured_outputs", {"response_format": {
+                "type": "json_schema", "json_schema": {"name": "structured_outputs", "schema": value}}}))
+        else:
+            found.append(("structured_outputs", {key: value}))
+    if tool_format is not None:
+        found.append(("tools", {"response_format": tool_format}))
+    if len(found) > 1:
+        raise APIError(400, f"at most one of response_format, structured_outputs and tools may constrain the answer; "
+                            f"got {' and '.join(k for k, _ in found)}", param=found[1][0])
+    return (found[0][1], found[0][0]) if found else ({}, None)
 
 
 def stream_options(body: dict) -> tuple[bool, bool]:
@@ -280,10 +341,14 @@ class Reply:
             out["usage"] = usage
         return out
 
-    def full(self, c: Completion) -> dict:
+    def full(self, c: Completion, tool_call: dict | None = None) -> dict:
+        """The whole response; with ``tool_call`` (the answer parsed as one), as a tool call."""
         finish = _finish(c)
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": c.text}, "finish_reason": finish,
+            message = {"role": "assistant", "content": c.text}
+            if tool_call is not None:
+                message, finish = {"role": "assistant", "content": None, "tool_calls": [tool_call]}, "tool_calls"
+            choice = {"index": 0, "message": message, "finish_reason": finish,
                       "logprobs": chat_logprobs(c.logprobs, self.token_bytes)}
         else:
             choice = {"index": 0, "text": c.text, "finish_reason": finish, "logprobs": text_logprobs(c.logprobs)}
@@ -299,6 +364,16 @@ class Reply:
         choice = {"index": 0, "text": text or "", "finish_reason": finish,
                   "logprobs": text_logprobs(logprobs) if logprobs else None}
         return self._envelope("text_completion", [choice], None)
+
+    def tool_chunk(self, deltas: list[dict], first: bool = False, finish: str | None = None,
+                   logprobs: list[TokenLogprob] | None = None) -> dict:
+        """A chat chunk carrying tool-call deltas (OpenAI's stream of a tool call)."""
+        delta = {"role": "assistant", "content": None} if first else {}
+        if deltas:
+            delta["tool_calls"] = deltas
+        choice = {"index": 0, "delta": delta, "finish_reason": finish,
+                  "logprobs": chat_logprobs(logprobs, self.token_bytes) if logprobs else None}
+        return self._envelope("chat.completion.chunk", [choice], None)
 
     def usage_chunk(self, c: Completion) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
