@@ -194,10 +194,110 @@ def test_gelu_tanh_matches_torch(dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     x = (torch.randn(shape, generator=g) * 6).to(dtype)
     x.view(-1)[:4] = torch.tensor([0.0, 40.0, -40.0, 1e-4]).to(dtype)  # zero, saturated both ways, tiny
-    got, want = cpu_native.gelu(x, approximate="tanh"), F.gelu(x, approximate="tanh")
+    got, want = torch.ops.ovfast_cpu.gelu_tanh(x), F.gelu(x, approximate="tanh")
     assert got.dtype == dtype and got.shape == want.shape and torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
-    torch.testing.assert_close(cpu_native.gelu(x), F.gelu(x))  # erf: torch's
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k", [(3, 45, 20), (17, 45, 20), (300, 131, 72), (40, 16, 33)])
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("approximate", ["tanh", "none"])
+def test_linear_gelu_matches_torch(dtype, m, n, k, bias, approximate):
+    # rows past SMALL_ROWS with a bias in fp32 take the fused bias + gelu pass; the rest the GEMV
+    # or torch's GEMM, then the vectorised activation (tanh) or torch's (erf)
+    g = torch.Generator().manual_seed(m + n + k)
+    x = (torch.randn(m, k, generator=g) * 2).to(dtype)
+    w = torch.randn(n, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if bias else None
+    got = cpu_native.linear_gelu(x, w, b, approximate=approximate)
+    want = ops.linear_gelu.reference(x.float(), w.float(), None if b is None else b.float(), approximate=approximate)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
+
+
+def test_bias_gelu_checks_its_inputs():
+    with pytest.raises(RuntimeError, match="bias"):
+        torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8), torch.randn(7))
+    with pytest.raises(RuntimeError, match="fp32"):
+        torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8).bfloat16(), torch.randn(8).bfloat16())
+
+
+@pytest.mark.parametrize("tiles,seq,heads,d", [(5, 37, 3, 72), (1, 300, 2, 64), (3, 16, 1, 8), (2, 1, 4, 16)])
+def test_prompt_attention_vision_tiles_match_sdpa(tiles, seq, heads, d):
+    # q, k, v as the views SigLIP passes (one fused qkv row per token), several equal-length tiles
+    g = torch.Generator().manual_seed(tiles * seq + heads * d)
+    qkv = torch.randn(tiles * seq, 3, heads, d, generator=g) * 2
+    q, k, v = qkv.unbind(1)
+    cu = torch.arange(0, (tiles + 1) * seq, seq, dtype=torch.int32)
+    got = cpu_native.attention_prefill(q, k, v, cu, seq, causal=False, scale=d**-0.5)
+    want = ops.attention_prefill.reference(q, k, v, cu, seq, causal=False, scale=d**-0.5)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("lengths,hq,hk,d", [([5, 40, 1], 14, 2, 64), ([33, 33], 4, 4, 16), ([300], 7, 1, 32)])
+def test_prompt_attention_causal_packed_sequences_match_sdpa(lengths, hq, hk, d):
+    g = torch.Generator().manual_seed(sum(lengths) + hq)
+    t = sum(lengths)
+    q, k, v = (torch.randn(t, h, d, generator=g) for h in (hq, hk, hk))
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32)
+    got = cpu_native.attention_prefill(q, k, v, cu, max(lengths), causal=True)
+    want = ops.attention_prefill.reference(q, k, v, cu, max(lengths), causal=True)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("start,chunk,hq,hk,d,bs", [(0, 300, 14, 2, 64, 16), (37, 50, 4, 2, 16, 16),
+                                                     (100, 1, 7, 1, 32, 32), (15, 17, 2, 2, 8, 16)])
+def test_prompt_attention_chunk_after_a_cached_prefix_matches_torch(start, chunk, hq, hk, d, bs):
+    # the chunk's k/v are in shuffled pages with NaN everywhere no row may read
+    g = torch.Generator().manual_seed(start + chunk + d)
+    k_cache, v_cache, tables = _paged([start + chunk], hk, d, bs, torch.float32, g)
+    q = torch.randn(chunk, hq, d, generator=g)
+    got = cpu_native.attention_chunk(q, k_cache, v_cache, tables[0], start)
+    assert torch.isfinite(got).all()
+    want = ops.attention_chunk.reference(q, k_cache.nan_to_num(), v_cache.nan_to_num(), tables[0], start)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_attention_bf16_stays_on_torch():
+    # bf16 keeps torch's flash kernel (fp32 scores): the result is torch's exactly
+    q, k, v = (torch.randn(40, 2, 16).bfloat16() for _ in range(3))
+    cu = torch.tensor([0, 40], dtype=torch.int32)
+    assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, 40, causal=True),
+                       ops.attention_prefill.reference(q, k, v, cu, 40, causal=True))
+
+
+def test_prompt_attention_checks_its_inputs():
+    q = torch.randn(10, 4, 8)
+    with pytest.raises(RuntimeError, match="at least as many keys"):
+        torch.ops.ovfast_cpu.prompt_attention(q, torch.randn(5, 2, 8), torch.randn(5, 2, 8), 1, True, 0.3)
+    with pytest.raises(RuntimeError, match="float32"):
+        torch.ops.ovfast_cpu.prompt_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), 1, False, 0.3)
+    with pytest.raises(RuntimeError, match="shapes"):
+        torch.ops.ovfast_cpu.prompt_attention(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), 1, False, 0.3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_rows_take_the_kernels(dtype):
+    # rms_norm, rope and silu_mul run the kernels on a prefill chunk's rows too (not only <= 16)
+    g = torch.Generator().manual_seed(3)
+    x, r = (torch.randn(500, 96, generator=g).to(dtype) for _ in range(2))
+    w = torch.randn(96, generator=g).to(dtype)
+    got, want = cpu_native.rms_norm(x, w, 1e-6, r), ops.rms_norm.reference(x, w, 1e-6, r)
+    tol = 1e-5 if dtype == torch.float32 else 8e-3
+    torch.testing.assert_close(got[0], want[0], rtol=tol, atol=1e-6)
+    assert torch.equal(got[1], want[1])
+    gu = (torch.randn(500, 2 * 40, generator=g) * 4).to(dtype)
+    torch.testing.assert_close(cpu_native.silu_mul(gu), ops.silu_mul.reference(gu), rtol=tol, atol=1e-6)
+    table = ops.rope_cos_sin_cache(16, 1e6, 1024)
+    pos = torch.randint(0, 1024, (500,), generator=g)
+    q, k = torch.randn(500, 4, 16, generator=g).to(dtype), torch.randn(500, 2, 16, generator=g).to(dtype)
+    q2, k2 = q.clone(), k.clone()
+    cpu_native.rope(q, k, pos, table)
+    ops.rope.reference(q2, k2, pos, table)
+    torch.testing.assert_close(q, q2, rtol=tol, atol=1e-5)
+    torch.testing.assert_close(k, k2, rtol=tol, atol=1e-5)
 
 
 def test_bf16_engine_against_the_fp32_reference(checkpoint_dirs, engines):

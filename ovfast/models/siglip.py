@@ -41,7 +41,7 @@ class SiglipEncoderLayer(nn.Module):
         attn = ops.attention_prefill(q, k, v, cu_seqlens, seq_len, causal=False, scale=cfg.head_dim**-0.5)
         h = h + F.linear(attn.reshape(h.shape), self.out_weight, self.out_bias)
         x = F.layer_norm(h, (cfg.hidden_size,), self.layer_norm2_weight, self.layer_norm2_bias, cfg.layer_norm_eps)
-        x = ops.gelu(F.linear(x, self.fc1_weight, self.fc1_bias), approximate=cfg.gelu_approximate)
+        x = ops.linear_gelu(x, self.fc1_weight, self.fc1_bias, approximate=cfg.gelu_approximate)
         return h + F.linear(x, self.fc2_weight, self.fc2_bias)
 
 

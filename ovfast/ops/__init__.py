@@ -17,8 +17,8 @@ from .torch_ops import (
     attention_decode,
     attention_prefill,
     bilinear_resize,
-    gelu,
     linear,
+    linear_gelu,
     patch_embed,
     projector,
     rms_norm,
@@ -43,6 +43,6 @@ def report(device: torch.device | str) -> dict[str, str]:
 
 
 __all__ = [
-    "DISPATCHED", "attention_chunk", "cpu_native", "fused_decode", "attention_decode", "attention_prefill", "bilinear_resize", "gelu", "linear", "patch_embed", "projector", "report",
+    "DISPATCHED", "attention_chunk", "cpu_native", "fused_decode", "attention_decode", "attention_prefill", "bilinear_resize", "linear", "linear_gelu", "patch_embed", "projector", "report",
     "rms_norm", "rope", "rope_cos_sin_cache", "sample", "silu_mul",
 ]

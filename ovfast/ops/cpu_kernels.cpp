@@ -1,4 +1,5 @@
-// ovfast's CPU kernels for the decode step: what a batch of a few rows spends its time on.
+// ovfast's CPU kernels: the decode step (what a batch of a few rows spends its time on) and the
+// parts of a prefill that are not GEMMs.
 //
 // Built on first use by ovfast/ops/cpu_native.py (g++ against the installed torch, -march=native,
 // -ffp-contract=off) and registered as torch ops under the namespace "ovfast_cpu". Every op here
@@ -14,13 +15,20 @@
 //
 // attention_decode: one query per sequence against its pages, read in place through the block
 // table (no gather of the whole context into a temporary), one (row, kv head) per task.
+//
+// prompt_attention (fp32): a prompt's attention, vision tiles or a prefill chunk after its cached
+// prefix, as two GEMMs per (sequence, kv head, block of queries) around a vectorised softmax.
+//
+// gelu_tanh, bias_gelu_tanh_: SigLIP's activation vectorised; in fp32 with fc1's bias folded in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 #include <vector>
@@ -280,31 +288,49 @@ void rope(at::Tensor q, at::Tensor k, const at::Tensor& positions, const at::Ten
 }
 
 // gelu with the tanh approximation, elementwise, computed in fp32 and rounded once (as torch's).
+constexpr float kGeluBeta = 0.7978845608028654f, kGeluKappa = 0.044715f;  // sqrt(2/pi)
+
+inline float gelu_tanh_one(float v) { return 0.5f * v * (1.f + std::tanh(kGeluBeta * (v + kGeluKappa * v * v * v))); }
+
+#ifdef OVFAST_AVX512
+inline __m512 gelu_tanh16(__m512 v) {
+  const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kGeluBeta),
+                                 _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kGeluKappa), v), _mm512_mul_ps(v, v), v));
+  // tanh(u) = 1 - 2 / (e^(2u) + 1)
+  // |2u| <= 20: tanh is +-1 in fp32 well before that, and e^(2u) stays finite for the reciprocal
+  const __m512 e = exp16(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(u, u), _mm512_set1_ps(-20.f)), _mm512_set1_ps(20.f)));
+  // 1 / (e + 1) by rcp14 and one Newton step (~23 bits; a division costs several times more)
+  const __m512 den = _mm512_add_ps(e, _mm512_set1_ps(1.f));
+  __m512 inv = _mm512_rcp14_ps(den);
+  inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.f)));
+  const __m512 t = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), inv, _mm512_set1_ps(1.f));
+  return _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), t));
+}
+#endif
+
 template <typename T>
 void gelu_tanh_impl(const T* x, T* out, int64_t n) {
-  constexpr float kBeta = 0.7978845608028654f, kKappa = 0.044715f;  // sqrt(2/pi)
   at::parallel_for(0, n, 32768, [&](int64_t a, int64_t b) {
     int64_t i = a;
 #ifdef OVFAST_AVX512
-    for (; i + 16 <= b; i += 16) {
-      const __m512 v = load16(x + i);
-      const __m512 u = _mm512_mul_ps(_mm512_set1_ps(kBeta),
-                                     _mm512_fmadd_ps(_mm512_mul_ps(_mm512_set1_ps(kKappa), v), _mm512_mul_ps(v, v), v));
-      // tanh(u) = 1 - 2 / (e^(2u) + 1)
-      // |2u| <= 20: tanh is +-1 in fp32 well before that, and e^(2u) stays finite for the reciprocal
-      const __m512 e = exp16(_mm512_min_ps(_mm512_max_ps(_mm512_add_ps(u, u), _mm512_set1_ps(-20.f)), _mm512_set1_ps(20.f)));
-      // 1 / (e + 1) by rcp14 and one Newton step (~23 bits; a division costs several times more)
-      const __m512 den = _mm512_add_ps(e, _mm512_set1_ps(1.f));
-      __m512 inv = _mm512_rcp14_ps(den);
-      inv = _mm512_mul_ps(inv, _mm512_fnmadd_ps(den, inv, _mm512_set1_ps(2.f)));
-      const __m512 t = _mm512_fnmadd_ps(_mm512_set1_ps(2.f), inv, _mm512_set1_ps(1.f));
-      const __m512 y = _mm512_mul_ps(_mm512_mul_ps(_mm512_set1_ps(0.5f), v), _mm512_add_ps(_mm512_set1_ps(1.f), t));
-      store16(out + i, y);
-    }
+    for (; i + 16 <= b; i += 16) store16(out + i, gelu_tanh16(load16(x + i)));
 #endif
-    for (; i < b; ++i) {
-      const float v = static_cast<float>(x[i]);
-      out[i] = static_cast<T>(0.5f * v * (1.f + std::tanh(kBeta * (v + kKappa * v * v * v))));
+    for (; i < b; ++i) out[i] = static_cast<T>(gelu_tanh_one(static_cast<float>(x[i])));
+  });
+}
+
+// gelu(y + bias) in place over the rows of an fp32 (M, N) product: the bias add that addmm
+// would make as a separate broadcast copy, folded into the activation's one pass
+void bias_gelu_tanh_impl(float* y, const float* bias, int64_t M, int64_t N) {
+  at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      float* row = y + r * N;
+      int64_t i = 0;
+#ifdef OVFAST_AVX512
+      for (; i + 16 <= N; i += 16)
+        _mm512_storeu_ps(row + i, gelu_tanh16(_mm512_add_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(bias + i))));
+#endif
+      for (; i < N; ++i) row[i] = gelu_tanh_one(row[i] + bias[i]);
     }
   });
 }
@@ -320,6 +346,13 @@ at::Tensor gelu_tanh(const at::Tensor& x_in) {
     TORCH_CHECK(false, "gelu_tanh: float32 or bfloat16 only");
   }
   return out;
+}
+
+void bias_gelu_tanh_(at::Tensor y, const at::Tensor& bias) {
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.scalar_type() == at::kFloat, "bias_gelu_tanh_: y (M, N) fp32 contiguous");
+  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.size(0) == y.size(1),
+              "bias_gelu_tanh_: bias (N,) fp32");
+  bias_gelu_tanh_impl(y.data_ptr<float>(), bias.data_ptr<float>(), y.size(0), y.size(1));
 }
 
 // silu(gate) * up over (T, 2I) -> (T, I), rounding as torch does (silu, then the product).
@@ -369,31 +402,47 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
   return out;
 }
 
+// Per-thread scratch that outlives a call: a fresh vector of a few hundred KiB per call is fresh
+// pages from the kernel, whose first-touch faults cost more than a long decode attention itself.
+// slot: which of a thread's buffers; the buffer only grows.
+inline float* scratch(int slot, int64_t n) {
+  thread_local std::vector<float> buffers[6];
+  std::vector<float>& b = buffers[slot];
+  if (static_cast<int64_t>(b.size()) < n) b.resize(n);
+  return b.data();
+}
+
 // --- attention_decode --------------------------------------------------------------------------
 
 
-// softmax in place over s[0..L) (fp32)
-inline void softmax_row(float* s, int64_t L) {
-  float mx = s[0];
-  for (int64_t j = 1; j < L; ++j) mx = std::max(mx, s[j]);
-  float total = 0.f;
+// e^(scale * (s - max)) in place over s[0..L), zeros over s[L..W) (the row's masked tail); returns
+// 1 / the sum, which the caller applies to the row's output (d values, not L)
+inline float exp_row(float* s, int64_t L, int64_t W, float scale) {
   int64_t j = 0;
+  float mx = -std::numeric_limits<float>::infinity(), total = 0.f;
 #ifdef OVFAST_AVX512
-  const __m512 m = _mm512_set1_ps(mx);
+  __m512 mv = _mm512_set1_ps(mx);
+  for (; j + 16 <= L; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+  mx = _mm512_reduce_max_ps(mv);
+#endif
+  for (; j < L; ++j) mx = std::max(mx, s[j]);
+  j = 0;
+#ifdef OVFAST_AVX512
+  const __m512 m = _mm512_set1_ps(mx), sc = _mm512_set1_ps(scale);
   __m512 sum = _mm512_setzero_ps();
   for (; j + 16 <= L; j += 16) {
-    __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(s + j), m));
+    const __m512 e = exp16(_mm512_mul_ps(_mm512_sub_ps(_mm512_loadu_ps(s + j), m), sc));
     _mm512_storeu_ps(s + j, e);
     sum = _mm512_add_ps(sum, e);
   }
   total = _mm512_reduce_add_ps(sum);
 #endif
   for (; j < L; ++j) {
-    s[j] = std::exp(s[j] - mx);
+    s[j] = std::exp((s[j] - mx) * scale);
     total += s[j];
   }
-  const float inv = 1.f / total;
-  for (j = 0; j < L; ++j) s[j] *= inv;
+  std::fill(s + L, s + W, 0.f);
+  return 1.f / total;
 }
 
 // q . k for the g query heads of one kv head at one position (k: d values of type T)
@@ -450,7 +499,7 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
                            float scale) {
   const int64_t g = Hq / Hk, row = Hk * d;  // row: one position's k (or v) for every kv head
   at::parallel_for(0, B * Hk, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qf(g * d), acc(g * d), s;
+    std::vector<float> qf(g * d), acc(g * d), inv(g);
     for (int64_t item = a; item < b; ++item) {
       const int64_t r = item / Hk, h = item % Hk, L = lens[r];
       T* o = out + (r * Hq + h * g) * d;
@@ -459,19 +508,24 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
         continue;
       }
       for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(q[(r * Hq + h * g) * d + i]);
-      s.resize(g * L);
+      float* sc = scratch(0, g * L);
       const int32_t* pages = tables + r * table_stride;
-      for (int64_t j = 0; j < L; ++j) {
-        const T* kp = kc + (static_cast<int64_t>(pages[j / bs]) * bs + j % bs) * row + h * d;
-        group_scores<T>(qf.data(), kp, g, d, scale, s.data() + j, L);
+      // page by page: the position's address without a division per position; the probabilities
+      // stay unnormalised until the end (g x d multiplies, not g x L)
+      for (int64_t j0 = 0; j0 < L; j0 += bs) {
+        const T* kpos = kc + static_cast<int64_t>(pages[j0 / bs]) * bs * row + h * d;
+        for (int64_t j = j0; j < std::min(L, j0 + bs); ++j, kpos += row)
+          group_scores<T>(qf.data(), kpos, g, d, scale, sc + j, L);
       }
-      for (int64_t gi = 0; gi < g; ++gi) softmax_row(s.data() + gi * L, L);
+      for (int64_t gi = 0; gi < g; ++gi) inv[gi] = exp_row(sc + gi * L, L, L, 1.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j = 0; j < L; ++j) {
-        const T* vp = vc + (static_cast<int64_t>(pages[j / bs]) * bs + j % bs) * row + h * d;
-        group_accumulate<T>(acc.data(), vp, s.data() + j, L, g, d);
+      for (int64_t j0 = 0; j0 < L; j0 += bs) {
+        const T* vpos = vc + static_cast<int64_t>(pages[j0 / bs]) * bs * row + h * d;
+        for (int64_t j = j0; j < std::min(L, j0 + bs); ++j, vpos += row)
+          group_accumulate<T>(acc.data(), vpos, sc + j, L, g, d);
       }
-      for (int64_t i = 0; i < g * d; ++i) o[i] = static_cast<T>(acc[i]);
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t e = 0; e < d; ++e) o[gi * d + e] = static_cast<T>(acc[gi * d + e] * inv[gi]);
     }
   });
 }
@@ -505,6 +559,92 @@ at::Tensor attention_decode(const at::Tensor& q_in, const at::Tensor& k_cache, c
   } else {
     TORCH_CHECK(false, "attention_decode: float32 or bfloat16 only");
   }
+  return out;
+}
+
+// --- prompt_attention ---------------------------------------------------------------------------
+
+// n sequences, each Tq queries against its own S keys, fp32. q (n*Tq, Hq, d), k and v (n*S, Hkv,
+// d), any row and head strides with d contiguous; out (n*Tq, Hq, d) contiguous. Causal: query t of
+// a sequence is position S - Tq + t and sees keys 0..S-Tq+t (a prompt chunk after its cached
+// prefix). Each task is one (sequence, kv head, block of queries) with the block's rows for every
+// query head of that kv head stacked, so both products are real GEMMs (torch's, one thread per
+// task) with the vectorised exponentials between them; each output row is normalised at the end
+// (d values, not S). bf16 stays on torch's flash kernel: its GEMMs keep fp32 scores, which a
+// bf16 GEMM here could not.
+void prompt_attention_impl(const float* q, int64_t qs0, int64_t qs1, const float* k, int64_t ks0, int64_t ks1,
+                           const float* v, int64_t vs0, int64_t vs1, float* out, int64_t n, int64_t Tq, int64_t S,
+                           int64_t Hq, int64_t Hk, int64_t d, bool causal, float scale) {
+  const int64_t g = Hq / Hk, offset = S - Tq;
+  const int64_t bq = std::min<int64_t>(Tq, std::max<int64_t>(16, 256 / g));  // ~256 stacked rows per task
+  const int64_t blocks = (Tq + bq - 1) / bq;
+  // K and V of each (sequence, kv head) as one contiguous (S, d) panel, read by many tasks
+  // (the calling thread's scratch: slots 4 and 5, which no task below uses)
+  float* const kf = scratch(4, n * Hk * S * d);
+  float* const vf = scratch(5, n * Hk * S * d);
+  at::parallel_for(0, n * Hk, 1, [&](int64_t a, int64_t b) {
+    for (int64_t item = a; item < b; ++item) {
+      const int64_t i = item / Hk, h = item % Hk;
+      for (int64_t j = 0; j < S; ++j) {
+        std::copy_n(k + (i * S + j) * ks0 + h * ks1, d, kf + (item * S + j) * d);
+        std::copy_n(v + (i * S + j) * vs0 + h * vs1, d, vf + (item * S + j) * d);
+      }
+    }
+  });
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  // Tasks are handed out one at a time, the last (causal: the longest) blocks first, so the
+  // threads finish together however uneven the blocks are.
+  const int64_t tasks = n * Hk * blocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    float* qb = scratch(0, g * bq * d);
+    float* sc = scratch(1, g * bq * S);
+    float* ob = scratch(2, g * bq * d);
+    float* inv = scratch(3, g * bq);
+    for (int64_t item = next++; item < tasks; item = next++) {
+      const int64_t blk = blocks - 1 - item / (n * Hk), ih = item % (n * Hk), i = ih / Hk, h = ih % Hk;
+      const int64_t t0 = blk * bq, rows = std::min(Tq, t0 + bq) - t0, m = g * rows;
+      const int64_t L = causal ? std::min(S, offset + t0 + rows) : S;  // the keys any row of the block sees
+      for (int64_t gi = 0; gi < g; ++gi)  // stacked rows: query head h*g+gi, rows t0..t0+rows
+        for (int64_t r = 0; r < rows; ++r)
+          std::copy_n(q + (i * Tq + t0 + r) * qs0 + (h * g + gi) * qs1, d, qb + (gi * rows + r) * d);
+      at::Tensor P = at::from_blob(sc, {m, L}, f32);
+      at::Tensor O = at::from_blob(ob, {m, d}, f32);
+      at::mm_out(P, at::from_blob(qb, {m, d}, f32), at::from_blob(kf + ih * S * d, {L, d}, f32).t());
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t valid = causal ? std::min(S, offset + t0 + r + 1) : S;
+          inv[gi * rows + r] = exp_row(sc + (gi * rows + r) * L, valid, L, scale);
+        }
+      at::mm_out(O, P, at::from_blob(vf + ih * S * d, {L, d}, f32));
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* src = ob + (gi * rows + r) * d;
+          const float norm = inv[gi * rows + r];
+          float* dst = out + ((i * Tq + t0 + r) * Hq + h * g + gi) * d;
+          for (int64_t e = 0; e < d; ++e) dst[e] = src[e] * norm;
+        }
+    }
+  });
+}
+
+at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n, bool causal,
+                            double scale) {
+  TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "prompt_attention: q (n*Tq, Hq, d), k and v (n*S, Hkv, d)");
+  TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "prompt_attention: head_dim contiguous");
+  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
+              "prompt_attention: float32 only");
+  const int64_t Hq = q.size(1), Hk = k.size(1), d = q.size(2);
+  TORCH_CHECK(n > 0 && q.size(0) % n == 0 && k.size(0) % n == 0 && k.size(2) == d && Hk > 0 && Hq % Hk == 0,
+              "prompt_attention: shapes");
+  const int64_t Tq = q.size(0) / n, S = k.size(0) / n;
+  TORCH_CHECK(!causal || S >= Tq, "prompt_attention: causal needs at least as many keys as queries");
+  at::Tensor out = at::empty({q.size(0), Hq, d}, q.options());
+  if (q.numel() == 0) return out;
+  TORCH_CHECK(S > 0, "prompt_attention: queries need keys");
+  prompt_attention_impl(q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), k.stride(0), k.stride(1),
+                        v.data_ptr<float>(), v.stride(0), v.stride(1), out.data_ptr<float>(), n, Tq, S, Hq, Hk, d,
+                        causal, static_cast<float>(scale));
   return out;
 }
 
@@ -559,6 +699,8 @@ TORCH_LIBRARY(ovfast_cpu, m) {
   m.def("attention_decode(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor seq_lens, float scale) -> Tensor");
   m.def("silu_mul(Tensor gate_up) -> Tensor");
   m.def("gelu_tanh(Tensor x) -> Tensor");
+  m.def("bias_gelu_tanh_(Tensor(a!) y, Tensor bias) -> ()");
+  m.def("prompt_attention(Tensor q, Tensor k, Tensor v, int n, bool causal, float scale) -> Tensor");
   m.def("decode_layers(Tensor h, Tensor[] ln1, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] o_w, Tensor[] ln2, "
         "Tensor[] gate_up_w, Tensor[] down_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor slots, "
         "Tensor block_tables, Tensor seq_lens, Tensor cos_sin, int heads, int kv_heads, float eps) -> (Tensor, Tensor)");
@@ -571,5 +713,7 @@ TORCH_LIBRARY_IMPL(ovfast_cpu, CPU, m) {
   m.impl("attention_decode", &attention_decode);
   m.impl("silu_mul", &silu_mul);
   m.impl("gelu_tanh", &gelu_tanh);
+  m.impl("bias_gelu_tanh_", &bias_gelu_tanh_);
+  m.impl("prompt_attention", &prompt_attention);
   m.impl("decode_layers", &decode_layers);
 }

@@ -18,7 +18,7 @@ from .backends import dispatch
 
 DISPATCHED = (
     "patch_embed", "bilinear_resize", "projector", "rms_norm", "rope", "silu_mul", "attention_prefill",
-    "attention_chunk", "attention_decode", "linear", "gelu",
+    "attention_chunk", "attention_decode", "linear", "linear_gelu",
 )
 
 
@@ -124,9 +124,11 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 @dispatch
-def gelu(x: torch.Tensor, approximate: str = "none") -> torch.Tensor:
-    """``F.gelu``: the vision MLP's activation, behind one name for the CPU's vectorised kernel."""
-    return F.gelu(x, approximate=approximate)
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                approximate: str = "none") -> torch.Tensor:
+    """``F.gelu(F.linear(x, weight, bias))``: the vision MLP's first layer and its activation, one
+    name so the CPU can run the activation vectorised and fold the bias into its pass."""
+    return F.gelu(F.linear(x, weight, bias), approximate=approximate)
 
 
 @dispatch
@@ -197,7 +199,7 @@ def attention_chunk(
     """
     t, hq, d = q.shape
     total = start + t
-    k, v = _gather_pages(k_cache, v_cache, block_table[None], total)
+    k, v = gather_pages(k_cache, v_cache, block_table[None], total)
     groups = hq // k.shape[2]
     mask = torch.arange(total, device=q.device)[None, :] <= start + torch.arange(t, device=q.device)[:, None]
     if q.device.type == "cpu":  # an additive mask in q's dtype: the CPU flash kernel skips its own conversion
@@ -221,7 +223,7 @@ def attention_decode(
     """
     bsz, hq, d = q.shape
     s = max(int(seq_lens.max()), 1)  # inactive rows have length 0
-    k, v = _gather_pages(k_cache, v_cache, block_tables[:bsz], s)  # (B, S, Hkv, d)
+    k, v = gather_pages(k_cache, v_cache, block_tables[:bsz], s)  # (B, S, Hkv, d)
     hkv = k.shape[2]
     k, v = k.transpose(1, 2), v.transpose(1, 2)  # (B, Hkv, S, d)
     # Each kv head answers its whole query group at once: the group becomes the query axis.
@@ -234,7 +236,7 @@ def attention_decode(
     return out.reshape(bsz, hq, d)
 
 
-def _gather_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, length: int):
+def gather_pages(k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor, length: int):
     """The first ``length`` positions of each table's sequence, (B, length, Hkv, d), gathering only
     the pages that hold them."""
     bs = k_cache.shape[1]
