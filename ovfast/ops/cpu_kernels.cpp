@@ -406,7 +406,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // pages from the kernel, whose first-touch faults cost more than a long decode attention itself.
 // slot: which of a thread's buffers; the buffer only grows.
 inline float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[6];
+  thread_local std::vector<float> buffers[4];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
@@ -579,9 +579,9 @@ void prompt_attention_impl(const float* q, int64_t qs0, int64_t qs1, const float
   const int64_t bq = std::min<int64_t>(Tq, std::max<int64_t>(16, 256 / g));  // ~256 stacked rows per task
   const int64_t blocks = (Tq + bq - 1) / bq;
   // K and V of each (sequence, kv head) as one contiguous (S, d) panel, read by many tasks
-  // (the calling thread's scratch: slots 4 and 5, which no task below uses)
-  float* const kf = scratch(4, n * Hk * S * d);
-  float* const vf = scratch(5, n * Hk * S * d);
+  std::vector<float> kpanel(n * Hk * S * d), vpanel(n * Hk * S * d);
+  float* const kf = kpanel.data();
+  float* const vf = vpanel.data();
   at::parallel_for(0, n * Hk, 1, [&](int64_t a, int64_t b) {
     for (int64_t item = a; item < b; ++item) {
       const int64_t i = item / Hk, h = item % Hk;
