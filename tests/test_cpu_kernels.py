@@ -130,7 +130,11 @@ def _paged(lengths, hk, d, bs, dtype, g):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("lengths,hq,hk,d,bs", [([1], 14, 2, 64, 16), ([16, 17, 0, 40], 6, 2, 8, 16),
-                                                 ([100, 3], 7, 1, 128, 32), ([31, 32, 33], 4, 4, 72, 16)])
+                                                 ([100, 3], 7, 1, 128, 32), ([31, 32, 33], 4, 4, 72, 16),
+                                                 # pages that split the 16-position score blocks, tails of
+                                                 # every size, more than 8 heads per kv head, d = 256
+                                                 ([300, 5, 47], 14, 2, 64, 12), ([257, 16], 9, 1, 128, 4),
+                                                 ([20, 33], 3, 1, 256, 16), ([61], 16, 2, 32, 7)])
 def test_attention_decode_matches_torch(dtype, lengths, hq, hk, d, bs):
     g = torch.Generator().manual_seed(sum(lengths) + hq * d)
     k, v, tables = _paged(lengths, hk, d, bs, dtype, g)

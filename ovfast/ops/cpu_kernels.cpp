@@ -14,7 +14,9 @@
 // torch version stores an intermediate in it (so bf16 results match it, not just approximately).
 //
 // attention_decode: one query per sequence against its pages, read in place through the block
-// table (no gather of the whole context into a temporary), one (row, kv head) per task.
+// table (no gather of the whole context into a temporary), one (row, kv head) per task; scores
+// 16 positions at a time (one transpose-add, not a horizontal sum per position and head), the
+// weighted sum of V with the output tile in registers.
 //
 // prompt_attention (fp32): a prompt's attention, vision tiles or a prefill chunk after its cached
 // prefix, as two GEMMs per (sequence, kv head, block of queries) around a vectorised softmax.
@@ -445,23 +447,10 @@ inline float exp_row(float* s, int64_t L, int64_t W, float scale) {
   return 1.f / total;
 }
 
-// q . k for the g query heads of one kv head at one position (k: d values of type T)
+// The scalar twins of scores16 / accumulate_tiles, for head sizes that are not whole 16-lane
+// chunks (and builds without AVX-512): q . k for the g query heads at one position ...
 template <typename T>
 inline void group_scores(const float* qf, const T* k, int64_t g, int64_t d, float scale, float* out, int64_t stride) {
-#ifdef OVFAST_AVX512
-  if (d % 16 == 0 && d <= 256) {
-    __m512 kv[16];
-    const int64_t nv = d / 16;
-    for (int64_t v = 0; v < nv; ++v) kv[v] = load16(k + 16 * v);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const float* qg = qf + gi * d;
-      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), kv[0]);
-      for (int64_t v = 1; v < nv; ++v) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * v), kv[v], acc);
-      out[gi * stride] = _mm512_reduce_add_ps(acc) * scale;
-    }
-    return;
-  }
-#endif
   for (int64_t gi = 0; gi < g; ++gi) {
     const float* qg = qf + gi * d;
     float dot = 0.f;
@@ -470,22 +459,9 @@ inline void group_scores(const float* qf, const T* k, int64_t g, int64_t d, floa
   }
 }
 
-// acc[gi] += p[gi] * v for the g query heads (v: d values of type T)
+// ... and acc[gi] += p[gi] * v for the g query heads
 template <typename T>
 inline void group_accumulate(float* acc, const T* v, const float* p, int64_t pstride, int64_t g, int64_t d) {
-#ifdef OVFAST_AVX512
-  if (d % 16 == 0 && d <= 256) {
-    __m512 vv[16];
-    const int64_t nv = d / 16;
-    for (int64_t i = 0; i < nv; ++i) vv[i] = load16(v + 16 * i);
-    for (int64_t gi = 0; gi < g; ++gi) {
-      const __m512 pg = _mm512_set1_ps(p[gi * pstride]);
-      float* ag = acc + gi * d;
-      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(ag + 16 * i, _mm512_fmadd_ps(pg, vv[i], _mm512_loadu_ps(ag + 16 * i)));
-    }
-    return;
-  }
-#endif
   for (int64_t gi = 0; gi < g; ++gi) {
     const float pg = p[gi * pstride];
     float* ag = acc + gi * d;
@@ -493,13 +469,108 @@ inline void group_accumulate(float* acc, const T* v, const float* p, int64_t pst
   }
 }
 
+#ifdef OVFAST_AVX512
+// Lane j of the result: the sum of a[j]'s 16 lanes. A transpose-add: 30 shuffles for 16 sums,
+// where 16 separate horizontal sums take 64 (and the shuffle port is the decode loop's limit).
+inline __m512 hsum16x16(const __m512* a) {
+  __m512 s[8], t[4], u[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: partial sums of a[2i], a[2i+1], a[2i], a[2i+1]
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per lane: partial sums of a[4i], ..., a[4i+3]
+    const __m512d x = _mm512_castps_pd(s[2 * i]), y = _mm512_castps_pd(s[2 * i + 1]);
+    t[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // lanes: t[2i] (two halves summed), t[2i+1] (likewise)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(t[2 * i], t[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(u[0], u[1], 0x88), _mm512_shuffle_f32x4(u[0], u[1], 0xdd));
+}
+
+// Scores of up to 16 positions (k[0..cnt), fp32, d = 16 nv values each; k[cnt..16) may repeat a
+// valid row) for the g query heads: out[gi * stride + jj] = scale * q_gi . k[jj]
+inline void scores16(const float* qf, const float* const* k, int64_t cnt, int64_t g, int64_t nv, float scale,
+                     float* out, int64_t stride) {
+  const __mmask16 m = cnt >= 16 ? 0xffff : static_cast<__mmask16>((1u << cnt) - 1);
+  const __m512 sc = _mm512_set1_ps(scale);
+  for (int64_t gi = 0; gi < g; ++gi) {
+    const float* qg = qf + gi * 16 * nv;
+    __m512 a[16];
+    for (int jj = 0; jj < 16; ++jj) {
+      __m512 acc = _mm512_mul_ps(_mm512_loadu_ps(qg), _mm512_loadu_ps(k[jj]));
+      for (int64_t c = 1; c < nv; ++c) acc = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * c), _mm512_loadu_ps(k[jj] + 16 * c), acc);
+      a[jj] = acc;
+    }
+    _mm512_mask_storeu_ps(out + gi * stride, m, _mm512_mul_ps(hsum16x16(a), sc));
+  }
+}
+
+// o[gi] = inv[gi] * sum_j p[gi * L + j] v_j for the g heads, the output held in registers: tiles
+// of 8 heads x 32 values (16 accumulators), so each position costs loads of v and of 8 weights,
+// not a load and a store of the whole output. pos(j): the address of position j's v.
+template <typename T, typename Pos>
+inline void accumulate_tiles(const float* p, int64_t L, const float* inv, int64_t g, int64_t nv, Pos pos, T* o) {
+  const int64_t d = 16 * nv;
+  for (int64_t g0 = 0; g0 < g; g0 += 8)
+    for (int64_t c0 = 0; c0 < nv; c0 += 2) {
+      const int64_t gt = std::min<int64_t>(8, g - g0), ct = std::min<int64_t>(2, nv - c0);
+      __m512 acc[8][2];
+      for (int gi = 0; gi < 8; ++gi) acc[gi][0] = acc[gi][1] = _mm512_setzero_ps();
+      pos.reset();
+      for (int64_t j = 0; j < L; ++j) {
+        const T* vj = pos.next() + 16 * c0;
+        const __m512 v0 = load16(vj), v1 = ct > 1 ? load16(vj + 16) : v0;
+        const float* pj = p + g0 * L + j;
+        for (int gi = 0; gi < 8; ++gi) {
+          if (gi >= gt) break;
+          const __m512 w = _mm512_set1_ps(pj[gi * L]);
+          acc[gi][0] = _mm512_fmadd_ps(w, v0, acc[gi][0]);
+          acc[gi][1] = _mm512_fmadd_ps(w, v1, acc[gi][1]);
+        }
+      }
+      for (int64_t gi = 0; gi < gt; ++gi)
+        for (int64_t c = 0; c < ct; ++c)
+          store16(o + (g0 + gi) * d + 16 * (c0 + c), _mm512_mul_ps(acc[gi][c], _mm512_set1_ps(inv[g0 + gi])));
+    }
+}
+#endif
+
+// Walks one sequence's positions in order through its block table: the address of each
+// position's row for one kv head, without a division per position. A second cursor runs kAhead
+// positions in front and prefetches: a head's row is a few cache lines in a page placed anywhere,
+// too short a run for the hardware prefetcher (the reads ran at a third of the weights' rate).
+template <typename T>
+struct PagedRows {
+  static constexpr int64_t kAhead = 24;
+  const T* base;  // the cache, offset to the kv head
+  const int32_t* pages;
+  int64_t bs, row, bytes, L;  // bytes: one head's row; L: the sequence's length
+  int64_t page = 0, off = 0, lead_page = 0, lead_off = 0, lead = 0;
+  const T* at(int64_t p, int64_t o) const { return base + (static_cast<int64_t>(pages[p]) * bs + o) * row; }
+  void prefetch_one() {
+    const char* r = reinterpret_cast<const char*>(at(lead_page, lead_off));
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(r + b, 0, 3);
+    if (++lead_off == bs) lead_off = 0, ++lead_page;
+    ++lead;
+  }
+  void reset() {
+    page = off = lead_page = lead_off = lead = 0;
+    while (lead < std::min(kAhead, L)) prefetch_one();
+  }
+  const T* next() {
+    if (lead < L) prefetch_one();
+    const T* r = at(page, off);
+    if (++off == bs) off = 0, ++page;
+    return r;
+  }
+};
+
 template <typename T>
 void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t table_stride,
                            const int32_t* lens, T* out, int64_t B, int64_t Hq, int64_t Hk, int64_t d, int64_t bs,
                            float scale) {
   const int64_t g = Hq / Hk, row = Hk * d;  // row: one position's k (or v) for every kv head
   at::parallel_for(0, B * Hk, 1, [&](int64_t a, int64_t b) {
-    std::vector<float> qf(g * d), acc(g * d), inv(g);
+    std::vector<float> qf(g * d), acc(g * d), inv(g), kbuf(std::is_same<T, float>::value ? 0 : 16 * d);
     for (int64_t item = a; item < b; ++item) {
       const int64_t r = item / Hk, h = item % Hk, L = lens[r];
       T* o = out + (r * Hq + h * g) * d;
@@ -510,20 +581,40 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
       for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(q[(r * Hq + h * g) * d + i]);
       float* sc = scratch(0, g * L);
       const int32_t* pages = tables + r * table_stride;
-      // page by page: the position's address without a division per position; the probabilities
-      // stay unnormalised until the end (g x d multiplies, not g x L)
-      for (int64_t j0 = 0; j0 < L; j0 += bs) {
-        const T* kpos = kc + static_cast<int64_t>(pages[j0 / bs]) * bs * row + h * d;
-        for (int64_t j = j0; j < std::min(L, j0 + bs); ++j, kpos += row)
-          group_scores<T>(qf.data(), kpos, g, d, scale, sc + j, L);
+      const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
+      PagedRows<T> kpos{kc + h * d, pages, bs, row, bytes, L}, vpos{vc + h * d, pages, bs, row, bytes, L};
+      kpos.reset();
+      vpos.reset();
+      // The probabilities stay unnormalised until the end (g x d multiplies, not g x L).
+#ifdef OVFAST_AVX512
+      if (d % 16 == 0) {  // the vectorised path: whole 16-lane chunks
+        const float* kp[16];
+        for (int64_t j0 = 0; j0 < L; j0 += 16) {
+          const int64_t cnt = std::min<int64_t>(16, L - j0);
+          for (int64_t jj = 0; jj < 16; ++jj) {
+            if (jj >= cnt) {  // the tail: repeat a valid row, never read past the sequence
+              kp[jj] = kp[cnt - 1];
+              continue;
+            }
+            const T* kr = kpos.next();
+            if constexpr (std::is_same<T, float>::value) {
+              kp[jj] = kr;
+            } else {  // bf16: widened once here, not once per query head
+              for (int64_t c = 0; c < d; c += 16) _mm512_storeu_ps(kbuf.data() + jj * d + c, load16(kr + c));
+              kp[jj] = kbuf.data() + jj * d;
+            }
+          }
+          scores16(qf.data(), kp, cnt, g, d / 16, scale, sc + j0, L);
+        }
+        for (int64_t gi = 0; gi < g; ++gi) inv[gi] = exp_row(sc + gi * L, L, L, 1.f);
+        accumulate_tiles<T>(sc, L, inv.data(), g, d / 16, vpos, o);
+        continue;
       }
+#endif
+      for (int64_t j = 0; j < L; ++j) group_scores<T>(qf.data(), kpos.next(), g, d, scale, sc + j, L);
       for (int64_t gi = 0; gi < g; ++gi) inv[gi] = exp_row(sc + gi * L, L, L, 1.f);
       std::fill(acc.begin(), acc.end(), 0.f);
-      for (int64_t j0 = 0; j0 < L; j0 += bs) {
-        const T* vpos = vc + static_cast<int64_t>(pages[j0 / bs]) * bs * row + h * d;
-        for (int64_t j = j0; j < std::min(L, j0 + bs); ++j, vpos += row)
-          group_accumulate<T>(acc.data(), vpos, sc + j, L, g, d);
-      }
+      for (int64_t j = 0; j < L; ++j) group_accumulate<T>(acc.data(), vpos.next(), sc + j, L, g, d);
       for (int64_t gi = 0; gi < g; ++gi)
         for (int64_t e = 0; e < d; ++e) o[gi * d + e] = static_cast<T>(acc[gi * d + e] * inv[gi]);
     }
