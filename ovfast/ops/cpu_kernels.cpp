@@ -506,7 +506,7 @@ inline void scores16(const float* qf, const float* const* k, int64_t cnt, int64_
 
 // o[gi] = inv[gi] * sum_j p[gi * L + j] v_j for the g heads, the output held in registers: tiles
 // of 8 heads x 32 values (16 accumulators), so each position costs loads of v and of 8 weights,
-// not a load and a store of the whole output. pos(j): the address of position j's v.
+// not a load and a store of the whole output. pos: a PagedRows over V, reset here for each tile.
 template <typename T, typename Pos>
 inline void accumulate_tiles(const float* p, int64_t L, const float* inv, int64_t g, int64_t nv, Pos pos, T* o) {
   const int64_t d = 16 * nv;
@@ -583,8 +583,7 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
       const int32_t* pages = tables + r * table_stride;
       const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
       PagedRows<T> kpos{kc + h * d, pages, bs, row, bytes, L}, vpos{vc + h * d, pages, bs, row, bytes, L};
-      kpos.reset();
-      vpos.reset();
+      kpos.reset();  // vpos is primed where the V pass starts, not a whole K pass earlier
       // The probabilities stay unnormalised until the end (g x d multiplies, not g x L).
 #ifdef OVFAST_AVX512
       if (d % 16 == 0) {  // the vectorised path: whole 16-lane chunks
@@ -614,6 +613,7 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
       for (int64_t j = 0; j < L; ++j) group_scores<T>(qf.data(), kpos.next(), g, d, scale, sc + j, L);
       for (int64_t gi = 0; gi < g; ++gi) inv[gi] = exp_row(sc + gi * L, L, L, 1.f);
       std::fill(acc.begin(), acc.end(), 0.f);
+      vpos.reset();
       for (int64_t j = 0; j < L; ++j) group_accumulate<T>(acc.data(), vpos.next(), sc + j, L, g, d);
       for (int64_t gi = 0; gi < g; ++gi)
         for (int64_t e = 0; e < d; ++e) o[gi * d + e] = static_cast<T>(acc[gi * d + e] * inv[gi]);
