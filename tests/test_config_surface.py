@@ -31,7 +31,7 @@ def test_defaults(monkeypatch):
     assert environment.kernels() == "auto" and environment.attention() == "auto"
     assert environment.cuda_graphs() is True and environment.native() is True
     assert environment.triton_interpret() is False
-    assert environment.preprocess_threads() is None
+    assert environment.preprocess_threads() is None and environment.cpu_block_cache_mb() == 2048
     assert environment.tp_timeout_s() == 600.0 and environment.tp_join_timeout_s() == 300.0
     assert environment.torchrun_rank() is None
     assert environment.gloo_socket_ifname() is None and environment.nccl_socket_ifname() is None
@@ -52,6 +52,8 @@ def test_values_are_read_at_call_time(monkeypatch):
     monkeypatch.setenv("OVFAST_CACHE", "/somewhere")
     monkeypatch.setenv("OVFAST_API_KEY", "secret")
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo,eth0")
+    monkeypatch.setenv("OVFAST_CPU_BLOCK_CACHE_MB", "512")
+    assert environment.cpu_block_cache_mb() == 512
     assert environment.kernels() == "torch" and environment.attention() == "flash_attn"
     assert environment.cuda_graphs() is False and environment.native() is False
     assert environment.triton_interpret() is True
@@ -82,6 +84,8 @@ def test_torchrun_rank(monkeypatch):
     ("OVFAST_ATTENTION", "bogus", environment.attention),
     ("OVFAST_PREPROCESS_THREADS", "0", environment.preprocess_threads),
     ("OVFAST_PREPROCESS_THREADS", "two", environment.preprocess_threads),
+    ("OVFAST_CPU_BLOCK_CACHE_MB", "-1", environment.cpu_block_cache_mb),
+    ("OVFAST_CPU_BLOCK_CACHE_MB", "1.5", environment.cpu_block_cache_mb),
     ("OVFAST_TP_TIMEOUT_S", "soon", environment.tp_timeout_s),
     ("OVFAST_TP_TIMEOUT_S", "-1", environment.tp_timeout_s),
     ("OVFAST_TP_JOIN_TIMEOUT_S", "inf", environment.tp_join_timeout_s),

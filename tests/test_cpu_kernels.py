@@ -24,6 +24,12 @@ pytestmark = pytest.mark.skipif(platform.machine() != "x86_64" or shutil.which("
                                 reason="the CPU kernels are built with g++ on x86-64")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _built():
+    """The kernels loaded before any test calls torch.ops.ovfast_cpu directly (in any order, alone)."""
+    assert cpu_native.available()
+
+
 def test_kernels_build_and_route():
     assert cpu_native.available()
     assert kernel_for("linear", torch.device("cpu")) is cpu_native.linear
@@ -208,7 +214,7 @@ def test_gelu_tanh_matches_torch(dtype, shape):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("approximate", ["tanh", "none"])
 def test_linear_gelu_matches_torch(dtype, m, n, k, bias, approximate):
-    # rows past SMALL_ROWS with a bias in fp32 take the fused bias + gelu pass; the rest the GEMV
+    # rows past SMALL_ROWS with a bias take the fused bias + gelu pass; the rest the GEMV
     # or torch's GEMM, then the vectorised activation (tanh) or torch's (erf)
     g = torch.Generator().manual_seed(m + n + k)
     x = (torch.randn(m, k, generator=g) * 2).to(dtype)
@@ -221,23 +227,40 @@ def test_linear_gelu_matches_torch(dtype, m, n, k, bias, approximate):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_bias_gelu_in_place_matches_torch(dtype):
+    # the fused pass on its own: y + bias and the activation in fp32, rounded once; N with a tail
+    g = torch.Generator().manual_seed(7)
+    y = (torch.randn(37, 4304 + 5, generator=g) * 3).to(dtype)
+    b = torch.randn(y.shape[1], generator=g).to(dtype)
+    want = F.gelu(y.float() + b.float(), approximate="tanh").to(dtype)
+    torch.ops.ovfast_cpu.bias_gelu_tanh_(y, b)
+    torch.testing.assert_close(y.float(), want.float(), rtol=1e-5 if dtype == torch.float32 else 8e-3, atol=1e-6)
+
+
 def test_bias_gelu_checks_its_inputs():
     with pytest.raises(RuntimeError, match="bias"):
         torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8), torch.randn(7))
-    with pytest.raises(RuntimeError, match="fp32"):
-        torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8).bfloat16(), torch.randn(8).bfloat16())
+    with pytest.raises(RuntimeError, match="dtype"):
+        torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8).bfloat16(), torch.randn(8))
+    with pytest.raises(RuntimeError, match="fp32 or bf16"):
+        torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8).half(), torch.randn(8).half())
 
 
 @pytest.mark.parametrize("tiles,seq,heads,d", [(5, 37, 3, 72), (1, 300, 2, 64), (3, 16, 1, 8), (2, 1, 4, 16)])
 def test_prompt_attention_vision_tiles_match_sdpa(tiles, seq, heads, d):
-    # q, k, v as the views SigLIP passes (one fused qkv row per token), several equal-length tiles
+    # q, k, v as the views SigLIP passes (one fused qkv row per token), several equal-length tiles:
+    # the kernel's non-causal mode on its own (vision itself runs on torch's flash kernel, faster
+    # there: the routing below)
     g = torch.Generator().manual_seed(tiles * seq + heads * d)
     qkv = torch.randn(tiles * seq, 3, heads, d, generator=g) * 2
     q, k, v = qkv.unbind(1)
     cu = torch.arange(0, (tiles + 1) * seq, seq, dtype=torch.int32)
-    got = cpu_native.attention_prefill(q, k, v, cu, seq, causal=False, scale=d**-0.5)
+    got = torch.ops.ovfast_cpu.prompt_attention(q, k, v, tiles, False, d**-0.5)
     want = ops.attention_prefill.reference(q, k, v, cu, seq, causal=False, scale=d**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # and the routing: not causal means torch's kernel, whose result this is exactly
+    assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, seq, causal=False, scale=d**-0.5), want)
 
 
 @pytest.mark.parametrize("lengths,hq,hk,d", [([5, 40, 1], 14, 2, 64), ([33, 33], 4, 4, 16), ([300], 7, 1, 32)])

@@ -21,7 +21,7 @@
 // prompt_attention (fp32): a prompt's attention, vision tiles or a prefill chunk after its cached
 // prefix, as two GEMMs per (sequence, kv head, block of queries) around a vectorised softmax.
 //
-// gelu_tanh, bias_gelu_tanh_: SigLIP's activation vectorised; in fp32 with fc1's bias folded in.
+// gelu_tanh, bias_gelu_tanh_: SigLIP's activation vectorised, with fc1's bias folded in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
@@ -323,16 +323,17 @@ void gelu_tanh_impl(const T* x, T* out, int64_t n) {
 
 // gelu(y + bias) in place over the rows of an fp32 (M, N) product: the bias add that addmm
 // would make as a separate broadcast copy, folded into the activation's one pass
-void bias_gelu_tanh_impl(float* y, const float* bias, int64_t M, int64_t N) {
+// y = gelu(y + bias) in place, the sum and the activation in fp32, rounded once to T.
+template <typename T>
+void bias_gelu_tanh_impl(T* y, const T* bias, int64_t M, int64_t N) {
   at::parallel_for(0, M, std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1)), [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      float* row = y + r * N;
+      T* row = y + r * N;
       int64_t i = 0;
 #ifdef OVFAST_AVX512
-      for (; i + 16 <= N; i += 16)
-        _mm512_storeu_ps(row + i, gelu_tanh16(_mm512_add_ps(_mm512_loadu_ps(row + i), _mm512_loadu_ps(bias + i))));
+      for (; i + 16 <= N; i += 16) store16(row + i, gelu_tanh16(_mm512_add_ps(load16(row + i), load16(bias + i))));
 #endif
-      for (; i < N; ++i) row[i] = gelu_tanh_one(row[i] + bias[i]);
+      for (; i < N; ++i) row[i] = static_cast<T>(gelu_tanh_one(static_cast<float>(row[i]) + static_cast<float>(bias[i])));
     }
   });
 }
@@ -351,10 +352,14 @@ at::Tensor gelu_tanh(const at::Tensor& x_in) {
 }
 
 void bias_gelu_tanh_(at::Tensor y, const at::Tensor& bias) {
-  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && y.scalar_type() == at::kFloat, "bias_gelu_tanh_: y (M, N) fp32 contiguous");
-  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == at::kFloat && bias.size(0) == y.size(1),
-              "bias_gelu_tanh_: bias (N,) fp32");
-  bias_gelu_tanh_impl(y.data_ptr<float>(), bias.data_ptr<float>(), y.size(0), y.size(1));
+  TORCH_CHECK(y.dim() == 2 && y.is_contiguous() && (y.scalar_type() == at::kFloat || y.scalar_type() == at::kBFloat16),
+              "bias_gelu_tanh_: y (M, N) fp32 or bf16, contiguous");
+  TORCH_CHECK(bias.dim() == 1 && bias.is_contiguous() && bias.scalar_type() == y.scalar_type() && bias.size(0) == y.size(1),
+              "bias_gelu_tanh_: bias (N,) of y's dtype");
+  if (y.scalar_type() == at::kFloat)
+    bias_gelu_tanh_impl<float>(y.data_ptr<float>(), bias.data_ptr<float>(), y.size(0), y.size(1));
+  else
+    bias_gelu_tanh_impl<bf16>(y.data_ptr<bf16>(), bias.data_ptr<bf16>(), y.size(0), y.size(1));
 }
 
 // silu(gate) * up over (T, 2I) -> (T, I), rounding as torch does (silu, then the product).

@@ -28,7 +28,7 @@ from ..settings import environment
 
 log = logging.getLogger("ovfast")
 
-SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+SOURCES = (Path(__file__).with_name("cpu_kernels.cpp"), Path(__file__).with_name("cpu_block_cache.cpp"))
 OPS = ("linear", "linear_gelu", "rms_norm", "rope", "silu_mul", "attention_decode", "attention_prefill",
        "attention_chunk")  # the ovfast.ops names implemented here
 FLOATS = (torch.float32, torch.bfloat16)
@@ -61,7 +61,7 @@ def _build(out: Path, cxx: str) -> None:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     cmd = [cxx, "-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=c++20", "-w", "-ffp-contract=off",
-           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, str(SOURCE), "-o", tmp,
+           f"-D_GLIBCXX_USE_CXX11_ABI={abi}", *includes, *map(str, SOURCES), "-o", tmp,
            *[f"-L{p}" for p in libs], "-lc10", "-ltorch_cpu", *[f"-Wl,-rpath,{p}" for p in libs]]
     try:
         subprocess.run(cmd, check=True, capture_output=True, text=True, timeout=600)
@@ -84,7 +84,8 @@ def _library() -> bool:
         return False
     try:
         version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), torch.__version__, version, _cpu_flags()]).encode())
+        key = hashlib.sha256("\0".join([*(s.read_text() for s in SOURCES), torch.__version__, version,
+                                         _cpu_flags()]).encode())
         path = environment.cache_dir() / "cpu-kernels" / f"ovfast_cpu-{key.hexdigest()[:16]}.so"
         with _lock:
             if not path.exists():
@@ -99,6 +100,39 @@ def _library() -> bool:
 
 def available() -> bool:
     return _library()
+
+
+BLOCK_CACHE_MIN_BYTES = 4 << 20  # below this torch's allocator serves as before (glibc reuses small blocks)
+
+
+def keep_freed_blocks(limit_mb: int | None = None) -> bool:
+    """Route torch's CPU allocations of 4 MiB and more through ovfast's block cache
+    (``cpu_block_cache.cpp``): freed blocks are kept, up to ``limit_mb`` MiB (default
+    ``OVFAST_CPU_BLOCK_CACHE_MB``, 2048), and handed out again instead of fresh pages, which a
+    prefill otherwise faults in every layer. Process-wide, like any allocator; 0 empties the cache
+    and sends allocations back to torch's allocator. Returns whether the cache is on (False where
+    the kernels are not built: the allocator stays torch's)."""
+    limit = environment.cpu_block_cache_mb() if limit_mb is None else limit_mb
+    if limit < 0:
+        raise ValueError(f"limit_mb must be >= 0, got {limit}")
+    if not _library():
+        return False
+    with _lock:
+        if limit == 0 and not _block_cache[0]:  # never installed: nothing to turn off
+            return False
+        torch.ops.ovfast_cpu.block_cache_configure(limit << 20, BLOCK_CACHE_MIN_BYTES)
+        _block_cache[0] = True
+    return limit > 0
+
+
+_block_cache = [False]  # installed (it stays installed; limit 0 makes it pass everything through)
+
+
+def block_cache_stats() -> dict:
+    """The block cache's counters: bytes cached (free, kept) and in use, hits, misses, blocks cached."""
+    keys = ("cached_bytes", "used_bytes", "hits", "misses", "cached_blocks")
+    values = torch.ops.ovfast_cpu.block_cache_stats() if _library() else [0] * len(keys)
+    return dict(zip(keys, values))
 
 
 # Each op takes its ovfast.ops signature and runs the torch reference for what the kernel does not
@@ -116,13 +150,14 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 approximate: str = "none") -> torch.Tensor:
     """SigLIP's fc1 and its tanh gelu. The activation runs vectorised (torch's bf16 gelu is several
-    times slower); in fp32 the bias is added inside the activation's pass instead of by addmm,
-    which first broadcast-copies it into the whole (tokens, 4304) output (16 ms of a 150 ms
-    layer at 3,645 tokens). bf16 keeps addmm's bias: one rounding, as torch's."""
+    times slower), and the bias is added inside the activation's pass instead of by addmm, which
+    first broadcast-copies it into the whole (tokens, 4304) output (16 ms of a 150 ms layer at
+    3,645 tokens in fp32; 3-5 ms of ~20 in bf16). In bf16 the product is rounded before the bias
+    is added (addmm rounds once, after it): one rounding more, within bf16's tolerance."""
     if approximate != "tanh" or x.dtype not in FLOATS or not _library():
         return F.gelu(linear(x, weight, bias), approximate=approximate)
-    if (x.dtype == torch.float32 and bias is not None and x.dim() == 2 and x.shape[0] > SMALL_ROWS
-            and weight.dtype == x.dtype and bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()):
+    if (bias is not None and x.dim() == 2 and x.shape[0] > SMALL_ROWS and weight.dtype == x.dtype
+            and bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()):
         y = F.linear(x, weight)
         torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
         return y
@@ -158,10 +193,11 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _torch_ops().silu_mul.reference(gate_up)
 
 
-# Prompt attention in fp32 (vision tiles, prefill chunks): the two products as GEMMs per
-# (sequence, kv head, block of queries) with vectorised exponentials between them. torch's CPU
-# flash kernel runs a 2,948-token causal chunk of the 0.5B model in about twice the time. bf16
-# stays on that kernel (fp32 scores; a bf16 GEMM here would round them).
+# Prompt attention in fp32 (prefill chunks): the two products as GEMMs per (sequence, kv head,
+# block of queries) with vectorised exponentials between them: a 2,948-token causal chunk of the
+# 0.5B model in 52 ms a layer against torch's 60. Vision tiles (not causal, 729 tokens, head_dim
+# 72) stay on torch's flash kernel, which runs them faster (49-51 ms against 58-65 for 5 tiles),
+# and so does bf16 (fp32 scores; a bf16 GEMM here would round them).
 
 
 def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
@@ -172,11 +208,11 @@ def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                       causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    if not _prompt_attention_fits(q, k, v):
+    if not causal or not _prompt_attention_fits(q, k, v):
         return _torch_ops().attention_prefill.reference(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
-    if len({b - a for a, b in zip(bounds, bounds[1:])}) == 1:  # equal lengths (vision tiles): one call
+    if len({b - a for a, b in zip(bounds, bounds[1:])}) == 1:  # equal lengths: one call
         return torch.ops.ovfast_cpu.prompt_attention(q, k, v, len(bounds) - 1, causal, s)
     out = torch.empty(q.shape, dtype=q.dtype)
     for a, b in zip(bounds, bounds[1:]):

@@ -24,7 +24,7 @@ from ..errors import ConfigError, EngineBusyError, GenerationParamsError, Ovfast
 from ..inputs.media import Video
 from ..inputs.preprocess import pixel_values
 from ..inputs.processing import PixelNormalizer, ProcessingConfig
-from ..ops import report
+from ..ops import cpu_native, report
 from ..ops.backends import use_triton
 from . import loading, scoring
 from .config import EngineConfig, resolve_dtype, resolve_prefill_chunk
@@ -57,6 +57,10 @@ class Engine:
         self.device = resolve_device(config.device)  # ConfigError for a device this torch cannot use
         self.dtype = resolve_dtype(config.dtype, self.device)
         config = dataclasses.replace(config, prefill_chunk=resolve_prefill_chunk(config.prefill_chunk, self.device))
+        if self.device.type == "cpu":
+            # A prefill's large temporaries come back from a cache instead of fresh pages faulted
+            # in every layer (docs/cpu.md); process-wide, OVFAST_CPU_BLOCK_CACHE_MB=0 turns it off.
+            cpu_native.keep_freed_blocks()
         self.checkpoint, self.config = ckpt, config
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
         self.model_config, self.family = original.model_config(ckpt.config, ckpt.path, self.tokenizer,
@@ -296,6 +300,7 @@ class Engine:
             "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
             "graph_capture_ms": self.runner.decode.capture_ms, "vision_warmup_ms": self.runner.vision_warmup_ms,
             "kv_cache_gib": self.cache.nbytes / 2**30, **self.kv_info,
+            **({"cpu_block_cache": cpu_native.block_cache_stats()} if self.device.type == "cpu" else {}),
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
             "prefix_caching": self.config.prefix_caching, "encoder_cache_tokens": self.config.encoder_cache_tokens,
             "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,

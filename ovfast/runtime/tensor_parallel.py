@@ -237,6 +237,10 @@ def worker_main(argv: list[str]) -> int:
     device = torch.device("cuda", spec.first_gpu + rank) if spec.device_type == "cuda" else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    else:
+        from ..ops import cpu_native
+
+        cpu_native.keep_freed_blocks()  # as rank 0's engine does (Engine.__init__)
     store = dist.TCPStore(host, int(port), size, is_master=False,
                           timeout=datetime.timedelta(seconds=environment.tp_join_timeout_s()))
     store.set(f"joined/{rank}", "1")

@@ -26,6 +26,7 @@ _MEANINGS = {
     "OVFAST_ATTENTION": "start-up attention backend: auto, flash_attn, triton or torch",
     "OVFAST_CUDA_GRAPHS": "0 turns CUDA-graph capture of the decode step off (default on)",
     "OVFAST_CPU_KERNELS": "0 keeps the CPU decode on plain torch ops instead of ovfast's compiled CPU kernels (default on)",
+    "OVFAST_CPU_BLOCK_CACHE_MB": "MiB of freed large CPU tensor blocks a CPU engine keeps for reuse (default 2048; 0: torch's allocator as is)",
     "OVFAST_NATIVE": "0 forces the pure-Python preprocessing instead of ovfast._C (default native)",
     "OVFAST_PREPROCESS_THREADS": "threads of the native preprocessing (default: the usable CPUs)",
     "OVFAST_TP_TIMEOUT_S": "seconds a tensor-parallel data collective may wait before failing (default 600)",
@@ -110,6 +111,17 @@ def triton_interpret() -> bool:
 def cpu_kernels() -> bool:
     """OVFAST_CPU_KERNELS: whether CPU tensors may use ovfast's compiled CPU kernels ("0": plain torch)."""
     return _off_if_zero("OVFAST_CPU_KERNELS")
+
+
+def cpu_block_cache_mb() -> int:
+    """OVFAST_CPU_BLOCK_CACHE_MB: how much freed large-tensor memory a CPU engine keeps for reuse
+    (ovfast/ops/cpu_block_cache.cpp); 0 leaves torch's CPU allocator alone. Default 2048."""
+    raw = _get("OVFAST_CPU_BLOCK_CACHE_MB")
+    if not raw:
+        return 2048
+    if not (raw.isascii() and raw.isdigit()):
+        raise _malformed("OVFAST_CPU_BLOCK_CACHE_MB", raw, "a whole number of MiB (0: off)")
+    return int(raw)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------
