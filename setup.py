@@ -30,7 +30,7 @@ setup(
     ],
     package_dir={"ovfast": "ovfast", "ovfast.kernels": "kernels"},
     # the CPU kernels' source: compiled on first use against the installed torch (ovfast/ops/cpu_native.py)
-    package_data={"ovfast": ["py.typed"], "ovfast.ops": ["cpu_kernels.cpp"]},
+    package_data={"ovfast": ["py.typed"], "ovfast.ops": ["cpu_kernels.cpp", "cpu_block_cache.cpp"]},
     ext_modules=[ext],
     cmdclass={"build_ext": OptionalBuildExt},
 )

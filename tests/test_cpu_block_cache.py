@@ -112,15 +112,30 @@ def test_results_are_the_same_with_and_without_it(cache):
         assert torch.equal(got, without)
 
 
+def test_an_engine_keeps_the_size_the_process_chose(cache):
+    # default_block_cache (what a CPU engine's load calls) must not undo keep_freed_blocks
+    cpu_native.keep_freed_blocks(0)
+    assert cpu_native.default_block_cache() is False
+    before = cache()
+    x = _mib(12)
+    assert cache()["used_bytes"] == before["used_bytes"]  # still torch's allocator
+    del x
+    cpu_native.keep_freed_blocks(64)
+    assert cpu_native.default_block_cache() is True
+    y = _mib(12)
+    assert cache()["used_bytes"] == before["used_bytes"] + 12 * MiB
+    del y
+
+
 def test_negative_limit_is_refused(cache):
     with pytest.raises(ValueError, match="limit_mb"):
         cpu_native.keep_freed_blocks(-1)
 
 
 def test_the_variable_sets_it_and_zero_never_installs_it():
-    # Fresh processes: keep_freed_blocks() reads OVFAST_CPU_BLOCK_CACHE_MB (as a CPU engine's load
-    # does); at 0 the cache is never installed at all.
-    code = ("from ovfast.ops import cpu_native as c; import torch; on = c.keep_freed_blocks(); "
+    # Fresh processes: default_block_cache() (a CPU engine's load) reads OVFAST_CPU_BLOCK_CACHE_MB;
+    # at 0 the cache is never installed at all.
+    code = ("from ovfast.ops import cpu_native as c; import torch; on = c.default_block_cache(); "
             "x = torch.empty(16 << 20, dtype=torch.uint8); print(on, c.block_cache_stats()['used_bytes'] >= 16 << 20)")
     on = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     off = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,

@@ -111,21 +111,34 @@ def keep_freed_blocks(limit_mb: int | None = None) -> bool:
     ``OVFAST_CPU_BLOCK_CACHE_MB``, 2048), and handed out again instead of fresh pages, which a
     prefill otherwise faults in every layer. Process-wide, like any allocator; 0 empties the cache
     and sends allocations back to torch's allocator. Returns whether the cache is on (False where
-    the kernels are not built: the allocator stays torch's)."""
+    the kernels are not built: the allocator stays torch's). A CPU engine's load calls
+    ``default_block_cache``, which keeps whatever this has set."""
     limit = environment.cpu_block_cache_mb() if limit_mb is None else limit_mb
     if limit < 0:
         raise ValueError(f"limit_mb must be >= 0, got {limit}")
     if not _library():
         return False
     with _lock:
-        if limit == 0 and not _block_cache[0]:  # never installed: nothing to turn off
+        _block_cache["sized"] = True
+        if limit == 0 and not _block_cache["installed"]:  # never installed: nothing to turn off
             return False
         torch.ops.ovfast_cpu.block_cache_configure(limit << 20, BLOCK_CACHE_MIN_BYTES)
-        _block_cache[0] = True
+        _block_cache["installed"], _block_cache["on"] = True, limit > 0
     return limit > 0
 
 
-_block_cache = [False]  # installed (it stays installed; limit 0 makes it pass everything through)
+def default_block_cache() -> bool:
+    """At a CPU engine's (or CPU tensor-parallel worker's) load: the block cache at
+    ``OVFAST_CPU_BLOCK_CACHE_MB``, unless this process has sized it already (keep_freed_blocks,
+    or an earlier engine). Returns whether it is on."""
+    if _block_cache["sized"]:
+        return _block_cache["on"]
+    return keep_freed_blocks()
+
+
+# installed: it stays installed once it is (limit 0 passes everything through); sized: the limit
+# was set by keep_freed_blocks; on: the limit is above 0
+_block_cache = {"installed": False, "sized": False, "on": False}
 
 
 def block_cache_stats() -> dict:

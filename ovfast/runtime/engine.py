@@ -60,7 +60,7 @@ class Engine:
         if self.device.type == "cpu":
             # A prefill's large temporaries come back from a cache instead of fresh pages faulted
             # in every layer (docs/cpu.md); process-wide, OVFAST_CPU_BLOCK_CACHE_MB=0 turns it off.
-            cpu_native.keep_freed_blocks()
+            cpu_native.default_block_cache()
         self.checkpoint, self.config = ckpt, config
         self.tokenizer = Tokenizer.from_checkpoint(ckpt)
         self.model_config, self.family = original.model_config(ckpt.config, ckpt.path, self.tokenizer,

@@ -240,7 +240,7 @@ def worker_main(argv: list[str]) -> int:
     else:
         from ..ops import cpu_native
 
-        cpu_native.keep_freed_blocks()  # as rank 0's engine does (Engine.__init__)
+        cpu_native.default_block_cache()  # as rank 0's engine does (Engine.__init__)
     store = dist.TCPStore(host, int(port), size, is_master=False,
                           timeout=datetime.timedelta(seconds=environment.tp_join_timeout_s()))
     store.set(f"joined/{rank}", "1")
