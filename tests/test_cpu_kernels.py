@@ -227,6 +227,52 @@ def test_linear_gelu_matches_torch(dtype, m, n, k, bias, approximate):
     torch.testing.assert_close(got.float(), want, rtol=tol, atol=tol * want.abs().max().item())
 
 
+def _ops_called(fn) -> set[str]:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.skipif(not cpu_native.onednn_bf16(), reason="torch's oneDNN has no bf16 GEMM on this CPU")
+@pytest.mark.parametrize("m,n,k", [(17, 45, 20), (300, 131, 72), (729, 1152, 1152)])
+def test_bf16_bias_and_gelu_go_to_the_gemm_epilogue(m, n, k, monkeypatch):
+    # bf16 rows past SMALL_ROWS with a bias: oneDNN adds it (and the tanh gelu) to the fp32
+    # accumulator; the bias alone must round like torch's addmm, the gelu once from fp32
+    g = torch.Generator().manual_seed(m + n)
+    x = (torch.randn(m, k, generator=g) * 2).bfloat16()
+    w = (torch.randn(n, k, generator=g) * k**-0.5).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16()
+    with torch.inference_mode():
+        assert "mkldnn::_linear_pointwise" in _ops_called(lambda: cpu_native.linear(x, w, b))
+        assert "mkldnn::_linear_pointwise" not in _ops_called(lambda: cpu_native.linear(x, w))  # no bias: mm
+        assert "mkldnn::_linear_pointwise" not in _ops_called(lambda: cpu_native.linear(x.float(), w.float(), b.float()))
+        got = cpu_native.linear(x, w, b)
+        exact = F.linear(x.double(), w.double(), b.double())
+        torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+        assert (got.double() - exact).abs().max() <= (F.linear(x, w, b).double() - exact).abs().max() + 1e-6
+        act = cpu_native.linear_gelu(x, w, b, approximate="tanh")
+        want = F.gelu(exact, approximate="tanh")
+        assert act.dtype == torch.bfloat16 and "mkldnn::_linear_pointwise" in _ops_called(
+            lambda: cpu_native.linear_gelu(x, w, b, approximate="tanh"))
+        torch.testing.assert_close(act.double(), want, rtol=1e-2, atol=1e-2 * want.abs().max().item())
+        # where oneDNN cannot take bf16, the same calls give the same results through torch and ovfast's pass
+        monkeypatch.setattr(cpu_native, "onednn_bf16", lambda: False)
+        assert "mkldnn::_linear_pointwise" not in _ops_called(lambda: cpu_native.linear(x, w, b))
+        torch.testing.assert_close(cpu_native.linear(x, w, b).double(), exact, rtol=1e-2,
+                                   atol=1e-2 * exact.abs().max().item())
+        torch.testing.assert_close(cpu_native.linear_gelu(x, w, b, approximate="tanh").double(), want, rtol=2e-2,
+                                   atol=2e-2 * want.abs().max().item())
+
+
+def test_the_epilogue_leaves_autograd_to_torch():
+    # a parameter that needs a gradient, with grad mode on: torch's linear (oneDNN's has no backward)
+    x = torch.randn(20, 8).bfloat16()
+    w = torch.randn(4, 8).bfloat16().requires_grad_()
+    b = torch.randn(4).bfloat16()
+    cpu_native.linear(x, w, b).float().sum().backward()
+    assert w.grad is not None and w.grad.shape == w.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_bias_gelu_in_place_matches_torch(dtype):
     # the fused pass on its own: y + bias and the activation in fp32, rounded once; N with a tail

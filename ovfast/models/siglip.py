@@ -36,13 +36,13 @@ class SiglipEncoderLayer(nn.Module):
         """h (T, E) packed tiles -> (T, E)."""
         cfg = self.cfg
         x = F.layer_norm(h, (cfg.hidden_size,), self.layer_norm1_weight, self.layer_norm1_bias, cfg.layer_norm_eps)
-        qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(h.shape[0], 3, cfg.num_heads, cfg.head_dim)
+        qkv = ops.linear(x, self.qkv_weight, self.qkv_bias).view(h.shape[0], 3, cfg.num_heads, cfg.head_dim)
         q, k, v = qkv.unbind(1)  # each (T, H, hd)
         attn = ops.attention_prefill(q, k, v, cu_seqlens, seq_len, causal=False, scale=cfg.head_dim**-0.5)
-        h = h + F.linear(attn.reshape(h.shape), self.out_weight, self.out_bias)
+        h = h + ops.linear(attn.reshape(h.shape), self.out_weight, self.out_bias)
         x = F.layer_norm(h, (cfg.hidden_size,), self.layer_norm2_weight, self.layer_norm2_bias, cfg.layer_norm_eps)
         x = ops.linear_gelu(x, self.fc1_weight, self.fc1_bias, approximate=cfg.gelu_approximate)
-        return h + F.linear(x, self.fc2_weight, self.fc2_bias)
+        return h + ops.linear(x, self.fc2_weight, self.fc2_bias)
 
 
 class SiglipVisionTower(nn.Module):

@@ -153,28 +153,53 @@ def block_cache_stats() -> dict:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the GEMV kernel for a few rows of fp32 or bf16."""
+    """``F.linear`` with the GEMV kernel for a few rows of fp32 or bf16; a bf16 GEMM with a bias
+    adds it in oneDNN's epilogue (``_onednn_epilogue``)."""
     if (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in FLOATS and weight.dtype == x.dtype
             and weight.is_contiguous() and (bias is None or bias.dim() == 1) and _library()):
         return torch.ops.ovfast_cpu.small_linear(x, weight, bias)
+    if bias is not None and _onednn_epilogue(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
 def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                 approximate: str = "none") -> torch.Tensor:
-    """SigLIP's fc1 and its tanh gelu. The activation runs vectorised (torch's bf16 gelu is several
-    times slower), and the bias is added inside the activation's pass instead of by addmm, which
-    first broadcast-copies it into the whole (tokens, 4304) output (16 ms of a 150 ms layer at
-    3,645 tokens in fp32; 3-5 ms of ~20 in bf16). In bf16 the product is rounded before the bias
-    is added (addmm rounds once, after it): one rounding more, within bf16's tolerance."""
+    """SigLIP's fc1 and its tanh gelu. bf16 (with a bias, past SMALL_ROWS): the bias and the
+    activation run in oneDNN's epilogue on the fp32 accumulator, rounded once. fp32: the
+    activation runs vectorised (torch's gelu is several times slower) with the bias added inside
+    its pass instead of by addmm, which first broadcast-copies it into the whole (tokens, 4304)
+    output (16 ms of a 150 ms layer at 3,645 tokens)."""
     if approximate != "tanh" or x.dtype not in FLOATS or not _library():
         return F.gelu(linear(x, weight, bias), approximate=approximate)
+    if bias is not None and _onednn_epilogue(x, weight, bias):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
     if (bias is not None and x.dim() == 2 and x.shape[0] > SMALL_ROWS and weight.dtype == x.dtype
             and bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()):
         y = F.linear(x, weight)
         torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
         return y
     return torch.ops.ovfast_cpu.gelu_tanh(linear(x, weight, bias))
+
+
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether torch's oneDNN runs bf16 GEMMs here (and has the fused-epilogue linear)."""
+    mkldnn = torch.ops.mkldnn
+    return (torch.backends.mkldnn.is_available() and hasattr(mkldnn, "_linear_pointwise")
+            and hasattr(mkldnn, "_is_mkldnn_bf16_supported") and bool(mkldnn._is_mkldnn_bf16_supported()))
+
+
+def _onednn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> bool:
+    """A bf16 GEMM (past SMALL_ROWS) whose bias, and activation, oneDNN applies to the fp32
+    accumulator as it stores the tile: torch's addmm first broadcast-copies the bias into the
+    whole output (SigLIP at 3,645 tokens: 10-20% of the qkv, out and fc2 GEMMs), then the GEMM adds
+    onto it; the bias alone is the same result, bit for bit. fp32 stays on torch's GEMM (MKL),
+    whose order transformers' reference shares."""
+    return (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and bias.dtype == x.dtype and x.dim() == 2
+            and x.shape[0] > SMALL_ROWS and x.is_contiguous() and weight.is_contiguous() and bias.dim() == 1
+            and bias.is_contiguous() and onednn_bf16()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad)))
 
 
 # rms_norm, rope and silu_mul: one pass each where torch makes several (a prefill chunk of 2,948
