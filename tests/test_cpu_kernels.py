@@ -333,20 +333,105 @@ def test_prompt_attention_chunk_after_a_cached_prefix_matches_torch(start, chunk
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_prompt_attention_bf16_stays_on_torch():
-    # bf16 keeps torch's flash kernel (fp32 scores): the result is torch's exactly
-    q, k, v = (torch.randn(40, 2, 16).bfloat16() for _ in range(3))
-    cu = torch.tensor([0, 40], dtype=torch.int32)
-    assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, 40, causal=True),
-                       ops.attention_prefill.reference(q, k, v, cu, 40, causal=True))
+def _sdpa_reference(q, k, v, n, causal, scale):
+    """fp32 attention of n equal sequences (q (n*T, Hq, d), k and v (n*S, Hk, d)) on the given
+    values; causal: query t sees keys <= S - T + t (a chunk after a cached prefix)."""
+    (t, hq, d), (s, hk) = q.shape, k.shape[:2]
+    t, s = t // n, s // n
+    qq, kk, vv = (x.float().view(n, -1, x.shape[1], d).transpose(1, 2) for x in (q, k, v))
+    mask = torch.ones(t, s, dtype=torch.bool).tril(s - t) if causal else None
+    out = F.scaled_dot_product_attention(qq, kk, vv, attn_mask=mask, enable_gqa=hq != hk, scale=scale)
+    return out.transpose(1, 2).reshape(n * t, hq, d)
+
+
+needs_amx = pytest.mark.skipif(not cpu_native.amx_attention(),
+                               reason="the bf16 prompt attention runs on AMX (amx_bf16 in /proc/cpuinfo)")
+
+
+@needs_amx
+@pytest.mark.parametrize("n,t,s,hq,hk,d,causal", [
+    (5, 37, 37, 3, 3, 72, False),     # vision tiles: head size 72 (V in 16-wide panels), keys not whole panels
+    (2, 729, 729, 4, 4, 72, False),   # SigLIP's tile length: three 256-key V chunks, the last one short
+    (1, 300, 300, 14, 2, 64, True),   # a causal prompt, 7 query heads per kv head
+    (1, 50, 137, 4, 2, 16, True),     # a chunk after an 87-token cached prefix
+    (1, 1, 65, 7, 1, 32, True),       # one query, 65 keys: one key in the last panel
+    (1, 64, 64, 2, 1, 128, True),     # whole panels exactly; d = 128 (two 64-wide V panels)
+    (3, 16, 16, 2, 2, 8, False),      # tiny head size
+    (2, 20, 20, 1, 1, 40, True),      # one head (rows read in place), head size 40 (a masked V tail)
+])
+def test_prompt_attention_bf16_matches_the_fp32_reference(n, t, s, hq, hk, d, causal):
+    # bf16 inputs; fp32 arithmetic on them is the reference. The kernel keeps the scores in fp32 and
+    # rounds the probabilities to bf16 for the second product, as torch's flash kernel does: its
+    # error must be bf16's, and no worse than torch's own bf16 kernel's beyond one rounding
+    g = torch.Generator().manual_seed(n * t + s + d)
+    q = (torch.randn(n * t, hq, d, generator=g) * 2).bfloat16()
+    k = (torch.randn(n * s, hk, d, generator=g) * 2).bfloat16()
+    v = torch.randn(n * s, hk, d, generator=g).bfloat16()
+    got = torch.ops.ovfast_cpu.prompt_attention(q, k, v, n, causal, d**-0.5)
+    assert got.dtype == torch.bfloat16 and got.shape == q.shape and torch.isfinite(got).all()
+    want = _sdpa_reference(q, k, v, n, causal, d**-0.5)
+    err = (got.float() - want).abs().max().item()
+    torch_bf16 = F.scaled_dot_product_attention(
+        *(x.view(n, -1, x.shape[1], d).transpose(1, 2) for x in (q, k, v)), enable_gqa=hq != hk, scale=d**-0.5,
+        attn_mask=torch.ones(t, s, dtype=torch.bool).tril(s - t) if causal else None).transpose(1, 2).reshape(q.shape)
+    assert err <= 2e-2 * want.abs().max().item()
+    assert err <= 2 * (torch_bf16.float() - want).abs().max().item() + 4e-3
+
+
+@needs_amx
+def test_prompt_attention_bf16_reads_strided_views():
+    # q, k, v as views of one fused qkv row per token (the model's layout), not contiguous tensors;
+    # one and several query heads per kv head (rows read in place, or stacked)
+    g = torch.Generator().manual_seed(11)
+    for hq, hk in ((14, 2), (3, 3)):
+        qkv = torch.randn(200, hq + 2 * hk, 64, generator=g).bfloat16()
+        q, k, v = qkv[:, :hq], qkv[:, hq : hq + hk], qkv[:, hq + hk :]
+        got = torch.ops.ovfast_cpu.prompt_attention(q, k, v, 1, True, 0.125)
+        want = torch.ops.ovfast_cpu.prompt_attention(q.contiguous(), k.contiguous(), v.contiguous(), 1, True, 0.125)
+        assert torch.equal(got, want)
+
+
+def test_prompt_attention_bf16_routing(monkeypatch):
+    # bf16 prompts and tiles (causal or not), and chunks after a cached prefix, take the kernel
+    # where AMX runs it; elsewhere torch's flash kernel, whose result it then is exactly
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(80, h, 16, generator=g).bfloat16() for h in (4, 2, 2))
+    cu = torch.tensor([0, 40, 80], dtype=torch.int32)
+    kernel = "ovfast_cpu::prompt_attention"
+    for causal in (True, False):
+        ran = _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
+        assert (kernel in ran) == cpu_native.amx_attention()
+        got = cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal)
+        want = ops.attention_prefill.reference(q.float(), k.float(), v.float(), cu, 40, causal=causal)
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    k_cache, v_cache, tables = _paged([60], 2, 16, 16, torch.bfloat16, g)
+    qc = torch.randn(20, 4, 16, generator=g).bfloat16()
+    ran = _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
+    assert (kernel in ran) == cpu_native.amx_attention()
+    got = cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40)
+    want = ops.attention_chunk.reference(qc.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(),
+                                         tables[0], 40)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    monkeypatch.setattr(cpu_native, "amx_attention", lambda: False)
+    for causal in (True, False):
+        assert kernel not in _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
+        assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal),
+                           ops.attention_prefill.reference(q, k, v, cu, 40, causal=causal))
+    assert kernel not in _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
 
 
 def test_prompt_attention_checks_its_inputs():
     q = torch.randn(10, 4, 8)
     with pytest.raises(RuntimeError, match="at least as many keys"):
         torch.ops.ovfast_cpu.prompt_attention(q, torch.randn(5, 2, 8), torch.randn(5, 2, 8), 1, True, 0.3)
-    with pytest.raises(RuntimeError, match="float32"):
-        torch.ops.ovfast_cpu.prompt_attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), 1, False, 0.3)
+    with pytest.raises(RuntimeError, match="float32, or bfloat16"):
+        torch.ops.ovfast_cpu.prompt_attention(q.half(), q.half(), q.half(), 1, False, 0.3)
+    with pytest.raises(RuntimeError, match="one dtype"):
+        torch.ops.ovfast_cpu.prompt_attention(q.bfloat16(), q, q, 1, False, 0.3)
+    odd = torch.randn(10, 4, 9).bfloat16()
+    with pytest.raises(RuntimeError, match="even head size"):
+        torch.ops.ovfast_cpu.prompt_attention(odd, odd, odd, 1, False, 0.3)
     with pytest.raises(RuntimeError, match="shapes"):
         torch.ops.ovfast_cpu.prompt_attention(q, torch.randn(10, 3, 8), torch.randn(10, 3, 8), 1, False, 0.3)
 

@@ -24,11 +24,13 @@
 // gelu_tanh, bias_gelu_tanh_: SigLIP's activation vectorised, with fc1's bias folded in.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cstring>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -413,7 +415,7 @@ at::Tensor silu_mul(const at::Tensor& gate_up) {
 // pages from the kernel, whose first-touch faults cost more than a long decode attention itself.
 // slot: which of a thread's buffers; the buffer only grows.
 inline float* scratch(int slot, int64_t n) {
-  thread_local std::vector<float> buffers[4];
+  thread_local std::vector<float> buffers[5];
   std::vector<float>& b = buffers[slot];
   if (static_cast<int64_t>(b.size()) < n) b.resize(n);
   return b.data();
@@ -724,23 +726,234 @@ void prompt_attention_impl(const float* q, int64_t qs0, int64_t qs1, const float
   });
 }
 
+// --- prompt attention in bf16, on AMX ------------------------------------------------------------
+
+// The same tasks as the fp32 kernel above (per sequence, kv head and block of queries, every query
+// head of the kv head stacked), with both products on AMX through torch's brgemm micro-kernels
+// (at::native::cpublas), which take their B operand packed in VNNI pairs, panels of at most 64
+// columns. K^T is packed once per (sequence, kv head) in panels of 64 keys, V in chunks of 256
+// keys (w head columns a panel), so the second product accumulates its fp32 output a few times,
+// not once per panel. The scores come out in fp32 (as in torch's flash kernel); each row's
+// softmax runs over the keys it sees in fp32 and is stored as bf16 for the second product (as
+// torch's kernel does), zeros past them, so padding contributes nothing. Against torch's CPU
+// flash kernel, measured alternately (ten rounds, 2 threads): SigLIP's five 729-token tiles
+// (head_dim 72) in 28-33 ms against 36-49, the 0.5B decoder's 2,948-token causal prompt in 28
+// against 34. What made the difference: the packing as 32-bit moves (a key's two dims are one
+// VNNI word), and the softmax as one fused multiply, a degree-4 exp2 and AVX512-BF16's rounding
+// instruction per 16 scores (it was ~40% of the kernel with a general exp and emulated rounding).
+constexpr int64_t kKeyPanel = 64;     // keys per packed K^T panel (pack's widest output)
+constexpr int64_t kValueChunk = 256;  // keys per packed V chunk: one accumulation of the output
+constexpr int64_t kQueryRows = 256;   // stacked query rows per task (g heads x a block of positions)
+
+bool amx_bf16() {
+#ifdef OVFAST_AVX512
+  static const bool ok = at::native::cpublas::could_pack(at::kBFloat16);
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef OVFAST_AVX512
+// fp32 -> bf16 rounding to nearest even: one instruction with AVX512-BF16, else store16's sequence
+inline void store16_rne(bf16* p, __m512 v) {
+#ifdef __AVX512BF16__
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), (__m256i)_mm512_cvtneps_pbh(v));
+#else
+  store16(p, v);
+#endif
+}
+
+// store16's rounding into the first lanes of m only
+inline void store16_masked(bf16* p, __m512 v, __mmask16 m) {
+  const __m512i bits = _mm512_castps_si512(v);
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
+  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+}
+
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+}
+
+// 2^t for softmax arguments t <= 0: 2^n 2^f with |f| <= 1/2, 2^f by its degree-4 Taylor
+// polynomial (relative error < 5e-5, a fiftieth of bf16's half ulp: the result is stored as bf16);
+// below 2^-127 it flushes to 0
+inline __m512 exp2_16(__m512 t) {
+  t = _mm512_max_ps(t, _mm512_set1_ps(-127.f));
+  const __m512 n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(t, n);
+  __m512 p = _mm512_set1_ps(9.6181291076284772e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.5504108664821580e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022650695910071e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.9314718055994531e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.f));
+  return _mm512_scalef_ps(p, n);
+}
+
+// One row's softmax numerators e^(scale (s - max)) over s[0, valid) as bf16 into p, zeros over
+// [valid, W) (W a multiple of 16); returns 1 / their fp32 sum (the output row's factor)
+inline float softmax_row_bf16(const float* s, bf16* p, int64_t valid, int64_t W, float scale) {
+  int64_t j = 0;
+  __m512 mv = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  for (; j + 16 <= valid; j += 16) mv = _mm512_max_ps(mv, _mm512_loadu_ps(s + j));
+  const __mmask16 tail = first_lanes(valid - j);
+  if (j < valid) mv = _mm512_mask_max_ps(mv, tail, mv, _mm512_loadu_ps(s + j));
+  const float c = scale * 1.44269504088896341f;  // e^(scale x) = 2^(c x)
+  const __m512 cv = _mm512_set1_ps(c), off = _mm512_set1_ps(_mm512_reduce_max_ps(mv) * c);
+  __m512 sum = _mm512_setzero_ps();
+  for (j = 0; j + 16 <= valid; j += 16) {
+    const __m512 e = exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), cv, off));
+    store16_rne(p + j, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  if (j < valid) {
+    const __m512 e = _mm512_maskz_mov_ps(tail, exp2_16(_mm512_fmsub_ps(_mm512_loadu_ps(s + j), cv, off)));
+    store16_rne(p + j, e);
+    sum = _mm512_add_ps(sum, e);
+    j += 16;
+  }
+  for (; j < W; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + j), _mm256_setzero_si256());
+  return 1.f / _mm512_reduce_add_ps(sum);
+}
+
+void prompt_attention_bf16_impl(const bf16* q, int64_t qs0, int64_t qs1, const bf16* k, int64_t ks0, int64_t ks1,
+                                const bf16* v, int64_t vs0, int64_t vs1, bf16* out, int64_t n, int64_t Tq, int64_t S,
+                                int64_t Hq, int64_t Hk, int64_t d, bool causal, float scale) {
+  namespace cb = at::native::cpublas;
+  const int64_t g = Hq / Hk, offset = S - Tq;
+  const int64_t panels = (S + kKeyPanel - 1) / kKeyPanel, chunks = (S + kValueChunk - 1) / kValueChunk;
+  const int64_t w = d % 64 == 0 ? 64 : 16, dp = (d + w - 1) / w * w, vpanels = dp / w;
+  const int64_t bq = std::min<int64_t>(Tq, std::max<int64_t>(16, kQueryRows / g));
+  const int64_t blocks = (Tq + bq - 1) / bq, items = n * Hk, words = d / 2;
+  const int64_t kpanel_size = d * kKeyPanel, vchunk_size = kValueChunk * dp;
+  // From torch's allocator (the block cache on an engine): no zero-fill, no fresh pages a call;
+  // the packing writes every element, padding included.
+  const at::Tensor kpack_t = at::empty({items * panels * kpanel_size}, at::kBFloat16);
+  const at::Tensor vpack_t = at::empty({items * chunks * vchunk_size}, at::kBFloat16);
+  bf16* const kpack = kpack_t.data_ptr<bf16>();
+  bf16* const vpack = vpack_t.data_ptr<bf16>();
+  at::parallel_for(0, items, 1, [&](int64_t a, int64_t b) {
+    for (int64_t item = a; item < b; ++item) {
+      const int64_t i = item / Hk, h = item % Hk;
+      const bf16* kr = k + i * S * ks0 + h * ks1;
+      const bf16* vr = v + i * S * vs0 + h * vs1;
+      for (int64_t pnl = 0; pnl < panels; ++pnl) {
+        // K^T (d x 64 keys) in VNNI pairs: word (p, j) is dims 2p, 2p+1 of key j, a 32-bit move
+        const int64_t j0 = pnl * kKeyPanel, keys = std::min(kKeyPanel, S - j0);
+        uint32_t* dst = reinterpret_cast<uint32_t*>(kpack + (item * panels + pnl) * kpanel_size);
+        for (int64_t j = 0; j < kKeyPanel; ++j) {
+          if (j < keys) {
+            const bf16* row = kr + (j0 + j) * ks0;
+            for (int64_t p = 0; p < words; ++p) std::memcpy(dst + p * kKeyPanel + j, row + 2 * p, 4);
+          } else {
+            for (int64_t p = 0; p < words; ++p) dst[p * kKeyPanel + j] = 0;
+          }
+        }
+      }
+      for (int64_t ch = 0; ch < chunks; ++ch) {
+        // V (256 keys x w columns a panel) in VNNI pairs: word (p, e) is column e of keys 2p, 2p+1
+        const int64_t j0 = ch * kValueChunk, keys = std::min(kValueChunk, S - j0);
+        for (int64_t c = 0; c < vpanels; ++c) {
+          uint32_t* dst = reinterpret_cast<uint32_t*>(vpack + (item * chunks + ch) * vchunk_size + c * kValueChunk * w);
+          for (int64_t p = 0; p < kValueChunk / 2; ++p) {
+            const int64_t r0 = 2 * p, r1 = 2 * p + 1;
+            for (int64_t e0 = 0; e0 < w; e0 += 16) {
+              const int64_t col = c * w + e0;
+              const __mmask16 m = first_lanes(std::max<int64_t>(0, d - col));
+              const __m256i x0 = r0 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r0) * vs0 + col) : _mm256_setzero_si256();
+              const __m256i x1 = r1 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r1) * vs0 + col) : _mm256_setzero_si256();
+              _mm512_storeu_si512(dst + p * w + e0, _mm512_or_si512(_mm512_cvtepu16_epi32(x0),
+                                                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(x1), 16)));
+            }
+          }
+        }
+      }
+    }
+  });
+  const int64_t tasks = items * blocks;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
+    const int64_t rows_max = g * bq, width = chunks * kValueChunk;
+    bf16* qb = reinterpret_cast<bf16*>(scratch(0, (rows_max * d + 1) / 2));
+    float* sc = scratch(1, rows_max * width);
+    bf16* pb = reinterpret_cast<bf16*>(scratch(2, (rows_max * width + 1) / 2));
+    float* ob = scratch(3, rows_max * dp);
+    float* inv = scratch(4, rows_max);
+    bool used = false;
+    for (int64_t task = next++; task < tasks; task = next++) {  // longest (last) blocks first
+      used = true;
+      const int64_t blk = blocks - 1 - task / items, item = task % items, i = item / Hk, h = item % Hk;
+      const int64_t t0 = blk * bq, rows = std::min(Tq, t0 + bq) - t0, m = g * rows;
+      const int64_t L = causal ? std::min(S, offset + t0 + rows) : S;  // the keys any row of the block sees
+      const int64_t np = (L + kKeyPanel - 1) / kKeyPanel, nc = (L + kValueChunk - 1) / kValueChunk;
+      const int64_t W = nc * kValueChunk;  // the row stride of scores and probabilities
+      // One query head: its rows in place (stride qs0); several: stacked head by head into qb.
+      const bf16* a = q + (i * Tq + t0) * qs0 + h * g * qs1;
+      int64_t lda = qs0;
+      if (g > 1) {
+        for (int64_t gi = 0; gi < g; ++gi)
+          for (int64_t r = 0; r < rows; ++r)
+            std::copy_n(q + (i * Tq + t0 + r) * qs0 + (h * g + gi) * qs1, d, qb + (gi * rows + r) * d);
+        a = qb;
+        lda = d;
+      }
+      const bf16* kp = kpack + item * panels * kpanel_size;
+      const bf16* vp = vpack + item * chunks * vchunk_size;
+      for (int64_t pnl = 0; pnl < np; ++pnl)
+        cb::brgemm(m, kKeyPanel, d, lda, kKeyPanel, W, false, a, kp + pnl * kpanel_size, sc + pnl * kKeyPanel);
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t row = gi * rows + r, valid = causal ? std::min(S, offset + t0 + r + 1) : S;
+          inv[row] = softmax_row_bf16(sc + row * W, pb + row * W, valid, W, scale);
+        }
+      for (int64_t ch = 0; ch < nc; ++ch)
+        for (int64_t c = 0; c < vpanels; ++c)
+          cb::brgemm(m, w, kValueChunk, W, w, dp, ch > 0, pb + ch * kValueChunk,
+                     vp + ch * vchunk_size + c * kValueChunk * w, ob + c * w);
+      for (int64_t gi = 0; gi < g; ++gi)
+        for (int64_t r = 0; r < rows; ++r) {
+          const float* src = ob + (gi * rows + r) * dp;
+          const __m512 norm = _mm512_set1_ps(inv[gi * rows + r]);
+          bf16* dst = out + ((i * Tq + t0 + r) * Hq + h * g + gi) * d;
+          for (int64_t e = 0; e < d; e += 16)
+            store16_masked(dst + e, _mm512_mul_ps(_mm512_loadu_ps(src + e), norm), first_lanes(d - e));
+        }
+    }
+    if (used) cb::brgemm_release();
+  });
+}
+#endif  // OVFAST_AVX512
+
 at::Tensor prompt_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, int64_t n, bool causal,
                             double scale) {
   TORCH_CHECK(q.dim() == 3 && k.dim() == 3 && v.sizes() == k.sizes(), "prompt_attention: q (n*Tq, Hq, d), k and v (n*S, Hkv, d)");
   TORCH_CHECK(q.stride(2) == 1 && k.stride(2) == 1 && v.stride(2) == 1, "prompt_attention: head_dim contiguous");
-  TORCH_CHECK(q.scalar_type() == at::kFloat && k.scalar_type() == at::kFloat && v.scalar_type() == at::kFloat,
-              "prompt_attention: float32 only");
+  const auto dt = q.scalar_type();
+  TORCH_CHECK((dt == at::kFloat || dt == at::kBFloat16) && k.scalar_type() == dt && v.scalar_type() == dt,
+              "prompt_attention: float32, or bfloat16 on AMX; q, k and v of one dtype");
   const int64_t Hq = q.size(1), Hk = k.size(1), d = q.size(2);
   TORCH_CHECK(n > 0 && q.size(0) % n == 0 && k.size(0) % n == 0 && k.size(2) == d && Hk > 0 && Hq % Hk == 0,
               "prompt_attention: shapes");
+  TORCH_CHECK(dt == at::kFloat || (amx_bf16() && d % 2 == 0),
+              "prompt_attention: bfloat16 needs AMX (amx_bf16()) and an even head size");
   const int64_t Tq = q.size(0) / n, S = k.size(0) / n;
   TORCH_CHECK(!causal || S >= Tq, "prompt_attention: causal needs at least as many keys as queries");
   at::Tensor out = at::empty({q.size(0), Hq, d}, q.options());
   if (q.numel() == 0) return out;
   TORCH_CHECK(S > 0, "prompt_attention: queries need keys");
-  prompt_attention_impl(q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), k.stride(0), k.stride(1),
-                        v.data_ptr<float>(), v.stride(0), v.stride(1), out.data_ptr<float>(), n, Tq, S, Hq, Hk, d,
-                        causal, static_cast<float>(scale));
+  if (dt == at::kFloat) {
+    prompt_attention_impl(q.data_ptr<float>(), q.stride(0), q.stride(1), k.data_ptr<float>(), k.stride(0), k.stride(1),
+                          v.data_ptr<float>(), v.stride(0), v.stride(1), out.data_ptr<float>(), n, Tq, S, Hq, Hk, d,
+                          causal, static_cast<float>(scale));
+    return out;
+  }
+#ifdef OVFAST_AVX512
+  prompt_attention_bf16_impl(q.data_ptr<bf16>(), q.stride(0), q.stride(1), k.data_ptr<bf16>(), k.stride(0), k.stride(1),
+                             v.data_ptr<bf16>(), v.stride(0), v.stride(1), out.data_ptr<bf16>(), n, Tq, S, Hq, Hk, d,
+                             causal, static_cast<float>(scale));
+#endif
   return out;
 }
 
@@ -797,6 +1010,7 @@ TORCH_LIBRARY(ovfast_cpu, m) {
   m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("bias_gelu_tanh_(Tensor(a!) y, Tensor bias) -> ()");
   m.def("prompt_attention(Tensor q, Tensor k, Tensor v, int n, bool causal, float scale) -> Tensor");
+  m.def("amx_bf16() -> bool", &amx_bf16);
   m.def("decode_layers(Tensor h, Tensor[] ln1, Tensor[] qkv_w, Tensor[] qkv_b, Tensor[] o_w, Tensor[] ln2, "
         "Tensor[] gate_up_w, Tensor[] down_w, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor positions, Tensor slots, "
         "Tensor block_tables, Tensor seq_lens, Tensor cos_sin, int heads, int kv_heads, float eps) -> (Tensor, Tensor)");

@@ -231,22 +231,35 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _torch_ops().silu_mul.reference(gate_up)
 
 
-# Prompt attention in fp32 (prefill chunks): the two products as GEMMs per (sequence, kv head,
-# block of queries) with vectorised exponentials between them: a 2,948-token causal chunk of the
-# 0.5B model in 52 ms a layer against torch's 60. Vision tiles (not causal, 729 tokens, head_dim
-# 72) stay on torch's flash kernel, which runs them faster (49-51 ms against 58-65 for 5 tiles),
-# and so does bf16 (fp32 scores; a bf16 GEMM here would round them).
+# Prompt attention (prefill chunks, and SigLIP's tiles in bf16): the two products as GEMMs per
+# (sequence, kv head, block of queries) with vectorised exponentials between them. fp32: a
+# 2,948-token causal chunk of the 0.5B model in 52 ms a layer against torch's 60; SigLIP's tiles
+# (not causal, 729 tokens, head_dim 72) stay on torch's flash kernel, faster there (49-51 ms
+# against 58-65 for 5 tiles). bf16 on AMX (both products on torch's brgemm micro-kernels, the
+# scores in fp32): the tiles in 28-33 ms against torch's 36-49, the causal chunk in 28 against 34.
+# Without AMX bf16 stays on torch's flash kernel.
+
+
+@functools.cache
+def amx_attention() -> bool:
+    """Whether the bf16 prompt attention runs here (the kernels built, and AMX for bf16)."""
+    return _library() and bool(torch.ops.ovfast_cpu.amx_bf16())
 
 
 def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    return (q.dtype == torch.float32 and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 3 and k.dim() == 3
+    """q, k, v as the kernel takes them: fp32, or bf16 (an even head size) where AMX runs it."""
+    if q.dtype == torch.bfloat16:
+        dtype_ok = q.shape[-1] % 2 == 0 and amx_attention()
+    else:
+        dtype_ok = q.dtype == torch.float32
+    return (dtype_ok and k.dtype == q.dtype and v.dtype == q.dtype and q.dim() == 3 and k.dim() == 3
             and v.shape == k.shape and q.stride(-1) == 1 and k.stride(-1) == 1 and v.stride(-1) == 1
             and q.shape[1] % k.shape[1] == 0 and _library())
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                       causal: bool = True, scale: float | None = None) -> torch.Tensor:
-    if not causal or not _prompt_attention_fits(q, k, v):
+    if not _prompt_attention_fits(q, k, v) or not (causal or q.dtype == torch.bfloat16):
         return _torch_ops().attention_prefill.reference(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
@@ -261,7 +274,8 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 def attention_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     start: int, scale: float | None = None) -> torch.Tensor:
-    if not (q.dtype == torch.float32 and k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.stride(-1) == 1
+    if not (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3 and q.stride(-1) == 1
+            and (q.dtype == torch.float32 or (q.dtype == torch.bfloat16 and q.shape[-1] % 2 == 0 and amx_attention()))
             and _library()):
         return _torch_ops().attention_chunk.reference(q, k_cache, v_cache, block_table, start, scale)
     k, v = _torch_ops().gather_pages(k_cache, v_cache, block_table[None], start + q.shape[0])
