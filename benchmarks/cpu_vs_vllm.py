@@ -19,10 +19,16 @@ What it does:
 2. The random-weight 0.5B checkpoint in the llava-hf layout (``ovfast build-checkpoint --preset
    0.5b``), built once (``--checkpoint``, default ``~/.cache/ovfast/cpu-vs-vllm-0.5b``); both
    servers load the same directory.
-3. Per dtype, ``--rounds`` alternating rounds (ovfast, vLLM, ovfast, vLLM): each server is
-   started on 127.0.0.1 on a free port, awaited on ``/health`` (bounded by ``--health-timeout``;
-   start-to-healthy time recorded), driven by the same ``openai`` client code, and stopped
-   (SIGTERM to its process group, SIGKILL after ``--stop-timeout``), also on errors. Requests,
+3. Per dtype, both servers are started on 127.0.0.1 on free ports, one after the other, each
+   awaited on ``/health`` (bounded by ``--health-timeout``; start-to-healthy time recorded), and
+   stopped at the end (SIGTERM to its process group, SIGKILL after ``--stop-timeout``), also on
+   errors. Then ``--rounds`` rounds: each figure below is measured on one server and then on the
+   other, with the same ``openai`` client code, the order alternating from figure to figure and
+   round to round (ABBA). Only one server is driven at a time; the idle one's CPU time meanwhile
+   is recorded (``idle_cpu_s``; both idle near 0). Why both up: this machine's speed swings by up
+   to 2x in spells of minutes, and with one server at a time a figure's two measurements were a
+   whole round and vLLM's 2-3 minute start apart. ``--sequential`` keeps the older way: per round,
+   each server in turn is started, runs every figure and is stopped. Requests,
    all greedy (temperature 0) with ``ignore_eos`` (both servers take it as an extra body field),
    ``--max-tokens`` (64) new tokens each:
    a. one streamed request with one ``--image-size`` (640x480) synthetic PNG as a ``data:`` URL
@@ -390,17 +396,22 @@ def concurrent_images(client, urls: list[str], concurrency: int, max_tokens: int
             "texts": [r["text"] for r in results]}
 
 
-def drive(url: str, args, images: dict) -> dict:
+def _client(url: str, args):
     from openai import OpenAI
 
-    client = OpenAI(base_url=url + "/v1", api_key="none", timeout=args.request_timeout, max_retries=0)
-    # a tiny warm-up request (text only, 2 tokens): first-request effects (lazy imports, allocator) out of the numbers
+    return OpenAI(base_url=url + "/v1", api_key="none", timeout=args.request_timeout, max_retries=0)
+
+
+def warm_up(client) -> None:
+    """A tiny request (text only, 2 tokens): first-request effects (lazy imports, allocator) out of the numbers."""
     complete(client, [{"role": "user", "content": "Hi"}], 2)
-    out = {}
+
+
+def figure_stream(client, args, images: dict) -> dict:
     log("  (a) one streamed image request, and 1-token requests on the same image before and after it")
     msgs = image_messages(images["stream"])
     before = complete(client, msgs, 1)
-    st = out["stream"] = streamed(client, msgs, args.image_decode_tokens)
+    st = streamed(client, msgs, args.image_decode_tokens)
     after = complete(client, msgs, 1)
     # Random weights may answer with tokens whose bytes are not whole characters for a while:
     # both servers hold such text back, so the first text delta can come long after the first
@@ -418,12 +429,20 @@ def drive(url: str, args, images: dict) -> dict:
     log(f"      TTFT {_fmt(st['ttft_ms'])} ms to the first text ({st['text_deltas']} text deltas), {ttft1:.0f} ms for a 1-token "
         f"request ({before['latency_ms']:.0f} / {after['latency_ms']:.0f}); decode after the image "
         f"{_fmt(st['decode_tokens_per_s_after_image'])} tok/s; {st['prompt_tokens']} prompt tokens")
+    return {"stream": st}
+
+
+def figure_concurrent(client, args, images: dict) -> dict:
     log(f"  (b) {args.requests} image requests at concurrency {args.concurrency}")
-    out["concurrent"] = concurrent_images(client, images["batch"], args.concurrency, args.max_tokens)
-    log(f"      {out['concurrent']['output_tokens_per_s']:.2f} output tok/s in {out['concurrent']['wall_s']:.1f} s")
+    c = concurrent_images(client, images["batch"], args.concurrency, args.max_tokens)
+    log(f"      {c['output_tokens_per_s']:.2f} output tok/s in {c['wall_s']:.1f} s")
+    return {"concurrent": c}
+
+
+def figure_text(client, args, images: dict) -> dict:
     log(f"  (c) one text request; text decode: 1 vs {1 + args.decode_tokens} tokens, {args.decode_repeats} times")
     text = [{"role": "user", "content": TEXT_PROMPT}]
-    out["text"] = complete(client, text, args.max_tokens)
+    out = {"text": complete(client, text, args.max_tokens)}
     rates = []
     for _ in range(args.decode_repeats):
         one = complete(client, text, 1)["latency_ms"]
@@ -432,6 +451,19 @@ def drive(url: str, args, images: dict) -> dict:
     out["text_decode"] = {"tokens": args.decode_tokens, "tokens_per_s_each": rates,
                           "tokens_per_s": statistics.median([r for r in rates if r]) if any(rates) else None}
     log(f"      text decode {_fmt(out['text_decode']['tokens_per_s'])} tok/s (each: {', '.join(_fmt(r) for r in rates)})")
+    return out
+
+
+FIGURES = (figure_stream, figure_concurrent, figure_text)
+
+
+def drive(url: str, args, images: dict) -> dict:
+    """Every figure on one server, in order."""
+    client = _client(url, args)
+    warm_up(client)
+    out = {}
+    for figure in FIGURES:
+        out.update(figure(client, args, images))
     return out
 
 
@@ -449,6 +481,67 @@ def run_server(server: ServerProcess, args, images: dict) -> dict:
         return {"error": f"{type(e).__name__}: {e}", "start_to_healthy_s": server.healthy_s, "log": str(server.log_path)}
     finally:
         server.stop(args.stop_timeout)
+
+
+def run_interleaved(servers: dict[str, ServerProcess], args, images: dict) -> dict[str, list[dict]]:
+    """Both servers up at once, each figure measured on one, then on the other, the order
+    alternating from figure to figure and round to round (ABBA): the two measurements of a figure
+    are minutes apart, not a server start (vLLM: 2-3 minutes) and a whole round apart, so a shared
+    machine's slow and fast spells fall on both alike. Only one server is driven at a time; the
+    CPU time the idle one used meanwhile is recorded with each measurement (``idle_cpu_s``)."""
+    rounds: dict[str, list[dict]] = {n: [] for n in servers}
+    up, failed = {}, {}
+    try:
+        for name, server in servers.items():  # started one at a time: the other is idle meanwhile
+            try:
+                healthy = server.start(args.health_timeout)
+                client = _client(server.url, args)
+                warm_up(client)
+                up[name] = (server, client, healthy)
+            except Exception as e:  # noqa: BLE001 - reported; the other server is still measured
+                log(f"{name}: FAILED: {e} (its log: {server.log_path})")
+                failed[name] = {"error": f"{type(e).__name__}: {e}", "start_to_healthy_s": server.healthy_s,
+                                "log": str(server.log_path)}
+        for rnd in range(args.rounds):
+            rows = {n: {"start_to_healthy_s": up[n][2], "idle_cpu_s": 0.0} for n in up}
+            for i, figure in enumerate(FIGURES):
+                order = list(up) if (rnd + i) % 2 == 0 else list(reversed(up))
+                for name in order:
+                    if "error" in rows[name]:
+                        continue
+                    log(f"round {rnd + 1} of {args.rounds}: {name}")
+                    idle = [up[n][0] for n in up if n != name]
+                    before = sum(process_group_cpu_s(p) for p in idle)
+                    try:
+                        rows[name].update(figure(up[name][1], args, images))
+                    except Exception as e:  # noqa: BLE001 - this server's round is reported as failed
+                        log(f"{name}: FAILED: {e} (its log: {up[name][0].log_path})")
+                        rows[name]["error"] = f"{type(e).__name__}: {e}"
+                    rows[name]["idle_cpu_s"] += sum(process_group_cpu_s(p) for p in idle) - before
+            for name in servers:
+                rounds[name].append(rows[name] if name in rows else dict(failed[name]))
+    finally:
+        for server in servers.values():
+            server.stop(args.stop_timeout)
+    return rounds
+
+
+def process_group_cpu_s(server: ServerProcess) -> float:
+    """CPU seconds (user + system) used so far by the live processes of the server's process group."""
+    if server.proc is None:
+        return 0.0
+    total, tick = 0, os.sysconf("SC_CLK_TCK")
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if int(fields[2]) == server.proc.pid:  # field 5, the process group
+            total += int(fields[11]) + int(fields[12])  # fields 14 and 15: utime, stime
+    return total / tick
 
 
 def _median(rounds: list[dict], key) -> float | None:
@@ -469,6 +562,7 @@ METRICS = [  # name, how to read it off a round, better when
     ("concurrent_wall_s", lambda r: r["concurrent"]["wall_s"], "lower"),
     ("concurrent_latency_ms_p50", lambda r: r["concurrent"]["latency_ms_p50"], "lower"),
     ("text_latency_ms", lambda r: r["text"]["latency_ms"], "lower"),
+    ("idle_cpu_s", lambda r: r.get("idle_cpu_s"), "-"),  # the other server's, idle meanwhile: no ratio
 ]
 
 
@@ -498,7 +592,8 @@ def summarise(runs: dict) -> dict:
             s[name]["rounds_ok"] = sum("error" not in r for r in rounds)
         if "ovfast" in s and "vllm" in s:
             s["ratio_ovfast_over_vllm"] = {
-                m: (s["ovfast"][m] / s["vllm"][m] if s["ovfast"][m] and s["vllm"][m] else None) for m, _, _ in METRICS}
+                m: (s["ovfast"][m] / s["vllm"][m] if s["ovfast"][m] and s["vllm"][m] and better != "-" else None)
+                for m, _, better in METRICS}
             pairs = list(zip(servers["ovfast"], servers["vllm"]))
             s["agreement"] = [agreement(a, b) for a, b in pairs]
         summary[dtype] = s
@@ -532,7 +627,7 @@ def markdown(result: dict) -> str:
              f"ovfast {result['ovfast_commit']}, torch {result['torch_ovfast']}. "
              f"{result['cpu_model']}; {a['threads']} threads each (cores {a['cpu_list']}). Checkpoint: random weights, "
              f"llava-hf layout (`ovfast build-checkpoint --preset {a['preset']}`). Greedy, ignore_eos, {a['max_tokens']} new "
-             f"tokens per request; prefix and encoder caches off on both; {a['rounds']} alternating round(s), medians. "
+             f"tokens per request; prefix and encoder caches off on both; {_mode(a)}, medians. "
              f"(a) one streamed request, one {a['image_size']} PNG image, {a.get('image_decode_tokens', a['max_tokens'])} new "
              f"tokens: ttft_ms to the first text delta; "
              f"ttft_1token_ms: the mean of two max_tokens=1 requests on the same image, one before and one after the "
@@ -575,6 +670,14 @@ def markdown(result: dict) -> str:
     return "\n".join(lines)
 
 
+def _mode(a: dict) -> str:
+    if a.get("sequential", True):
+        return f"{a['rounds']} alternating round(s), one server up at a time"
+    return (f"both servers up (started one after the other), {a['rounds']} round(s) in which each figure is measured "
+            f"on one server and then the other, the order alternating (ABBA), one server driven at a time "
+            f"(idle_cpu_s: the CPU seconds the other, idle server used while this one was measured, a round's sum)")
+
+
 def _fmt(v) -> str:
     return "-" if v is None else (f"{v:.2f}" if isinstance(v, float) else str(v))
 
@@ -588,6 +691,8 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="float32", help="comma-separated: float32, bfloat16 (default float32)")
     p.add_argument("--dtype", action="append", default=[], help="add a dtype (repeatable), e.g. --dtype bfloat16")
     p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--sequential", action="store_true",
+                   help="one server up at a time: each round starts a server, runs every figure, stops it")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--image-decode-tokens", type=int, default=256,
                    help="(a): new tokens of the streamed image request (a long window, so TTFT drift hardly moves its decode rate)")
@@ -664,12 +769,18 @@ def main(argv=None) -> int:
     try:
         for dtype in args.dtype_list:
             runs[dtype] = {n: [] for n in servers if n != "vllm" or vllm}
+            def server(name: str, label: str) -> ServerProcess:
+                path = args.logs / f"{stamp}-{dtype}-{label}-{name}.log"
+                return ovfast_server(args, dtype, path) if name == "ovfast" else vllm_server(args, vllm, dtype, path)
+
+            if not args.sequential:
+                log(f"{dtype}: {', '.join(runs[dtype])} up at once, {args.rounds} round(s) of interleaved figures")
+                runs[dtype] = run_interleaved({n: server(n, "up") for n in runs[dtype]}, args, images)
+                continue
             for rnd in range(args.rounds):
                 for name in runs[dtype]:
                     log(f"{dtype}, round {rnd + 1} of {args.rounds}: {name}")
-                    path = args.logs / f"{stamp}-{dtype}-r{rnd + 1}-{name}.log"
-                    server = ovfast_server(args, dtype, path) if name == "ovfast" else vllm_server(args, vllm, dtype, path)
-                    runs[dtype][name].append(run_server(server, args, images))
+                    runs[dtype][name].append(run_server(server(name, f"r{rnd + 1}"), args, images))
     except KeyboardInterrupt:
         log("interrupted: writing what was measured")
 

@@ -264,6 +264,41 @@ def test_bf16_bias_and_gelu_go_to_the_gemm_epilogue(m, n, k, monkeypatch):
                                    atol=2e-2 * want.abs().max().item())
 
 
+def _mm_calls(fn) -> int:
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
+
+
+@pytest.mark.skipif(not cpu_native.onednn_bf16(), reason="torch's oneDNN has no bf16 GEMM on this CPU")
+@pytest.mark.parametrize("m,k", [(17, 20), (300, 72)])
+def test_wide_bf16_gemm_runs_as_two_halves(m, k, monkeypatch):
+    # a bf16 GEMM wider than WIDE_COLUMNS (lowered here to keep it small) runs as two GEMMs into
+    # the halves of one output: the same product, within bf16 rounding of the exact one
+    monkeypatch.setattr(cpu_native, "WIDE_COLUMNS", 256)
+    g = torch.Generator().manual_seed(m * k)
+    x = (torch.randn(m, k, generator=g) * 2).bfloat16()
+    w = (torch.randn(384, k, generator=g) * k**-0.5).bfloat16()
+    with torch.inference_mode():
+        assert _mm_calls(lambda: cpu_native.linear(x, w)) == 2
+        got = cpu_native.linear(x, w)
+        exact = F.linear(x.double(), w.double())
+        assert got.dtype == torch.bfloat16 and got.shape == (m, 384) and got.is_contiguous()
+        torch.testing.assert_close(got.double(), exact, rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+        assert (got.double() - exact).abs().max() <= (F.linear(x, w).double() - exact).abs().max() + 1e-6
+        # both halves are really there (not one half twice)
+        torch.testing.assert_close(got[:, 192:].double(), exact[:, 192:], rtol=1e-2, atol=1e-2 * exact.abs().max().item())
+        # one GEMM: not wider than the bound, fp32, a bias, a width not a multiple of 128, a strided input
+        narrow = w[:256]
+        assert _mm_calls(lambda: cpu_native.linear(x, narrow)) == 1
+        assert _mm_calls(lambda: cpu_native.linear(x.float(), w.float())) == 1
+        assert _mm_calls(lambda: cpu_native.linear(x, w[:320])) == 1
+        assert _mm_calls(lambda: cpu_native.linear(x.t().contiguous().t(), w)) == 1
+        assert "mkldnn::_linear_pointwise" in _ops_called(lambda: cpu_native.linear(x, w, torch.zeros(384).bfloat16()))
+        monkeypatch.setattr(cpu_native, "onednn_bf16", lambda: False)
+        assert _mm_calls(lambda: cpu_native.linear(x, w)) == 1
+
+
 def test_the_epilogue_leaves_autograd_to_torch():
     # a parameter that needs a gradient, with grad mode on: torch's linear (oneDNN's has no backward)
     x = torch.randn(20, 8).bfloat16()

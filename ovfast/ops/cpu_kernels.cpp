@@ -54,13 +54,14 @@ inline __m512 load16(const bf16* p) {
 }
 inline void store16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
 // fp32 -> bf16 rounding to nearest even, as c10::BFloat16 does (NaN -> the quiet NaN 0x7fc0)
-inline void store16(bf16* p, __m512 v) {
+inline __m256i round_bf16(__m512 v) {
   const __m512i bits = _mm512_castps_si512(v);
   const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
   __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
   r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  return _mm512_cvtepi32_epi16(r);
 }
+inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(v)); }
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16* p, __mmask16 m) {
   __m256i v = _mm256_maskz_loadu_epi16(m, p);
@@ -730,10 +731,12 @@ void prompt_attention_impl(const float* q, int64_t qs0, int64_t qs1, const float
 
 // The same tasks as the fp32 kernel above (per sequence, kv head and block of queries, every query
 // head of the kv head stacked), with both products on AMX through torch's brgemm micro-kernels
-// (at::native::cpublas), which take their B operand packed in VNNI pairs, panels of at most 64
-// columns. K^T is packed once per (sequence, kv head) in panels of 64 keys, V in chunks of 256
-// keys (w head columns a panel), so the second product accumulates its fp32 output a few times,
-// not once per panel. The scores come out in fp32 (as in torch's flash kernel); each row's
+// (at::native::cpublas), which take their B operand packed in VNNI pairs. K^T is packed once per
+// (sequence, kv head) in panels of 256 keys, V in chunks of 256 keys (all head columns, padded to
+// 16), so each product is one micro-kernel call per 256 keys: with panels of 64 keys and V in
+// 16-column panels (SigLIP's head size 72: five calls a chunk) the calls' own cost was a fifth of
+// the SigLIP tiles' time (alternating runs: 0.78 of the time with the wide calls, 0.95 for the
+// decoder's causal prompt). The scores come out in fp32 (as in torch's flash kernel); each row's
 // softmax runs over the keys it sees in fp32 and is stored as bf16 for the second product (as
 // torch's kernel does), zeros past them, so padding contributes nothing. Against torch's CPU
 // flash kernel, measured alternately (ten rounds, 2 threads): SigLIP's five 729-token tiles
@@ -741,7 +744,7 @@ void prompt_attention_impl(const float* q, int64_t qs0, int64_t qs1, const float
 // against 34. What made the difference: the packing as 32-bit moves (a key's two dims are one
 // VNNI word), and the softmax as one fused multiply, a degree-4 exp2 and AVX512-BF16's rounding
 // instruction per 16 scores (it was ~40% of the kernel with a general exp and emulated rounding).
-constexpr int64_t kKeyPanel = 64;     // keys per packed K^T panel (pack's widest output)
+constexpr int64_t kKeyPanel = 256;    // keys per packed K^T panel: one call of the first product
 constexpr int64_t kValueChunk = 256;  // keys per packed V chunk: one accumulation of the output
 constexpr int64_t kQueryRows = 256;   // stacked query rows per task (g heads x a block of positions)
 
@@ -765,12 +768,30 @@ inline void store16_rne(bf16* p, __m512 v) {
 }
 
 // store16's rounding into the first lanes of m only
-inline void store16_masked(bf16* p, __m512 v, __mmask16 m) {
-  const __m512i bits = _mm512_castps_si512(v);
-  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(bits, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(bits, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7fc0));
-  _mm256_mask_storeu_epi16(p, m, _mm512_cvtepi32_epi16(r));
+inline void store16_masked(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf16(v)); }
+
+// r[i] = column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows: words interleaved
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then pairs of words
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  // b[4q + c] holds, in 128-bit lane L, words 4L + c of rows 4q..4q+3; gather the lanes
+  for (int c = 0; c < 4; ++c) {
+    const __m512i lo01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), hi01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
+    const __m512i lo23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), hi23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);       // lane 0: word c
+    r[4 + c] = _mm512_shuffle_i32x4(lo01, lo23, 0xdd);   // lane 1: word 4 + c
+    r[8 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);   // lane 2: word 8 + c
+    r[12 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0xdd);  // lane 3: word 12 + c
+  }
 }
 
 inline __mmask16 first_lanes(int64_t n) {
@@ -824,7 +845,7 @@ void prompt_attention_bf16_impl(const bf16* q, int64_t qs0, int64_t qs1, const b
   namespace cb = at::native::cpublas;
   const int64_t g = Hq / Hk, offset = S - Tq;
   const int64_t panels = (S + kKeyPanel - 1) / kKeyPanel, chunks = (S + kValueChunk - 1) / kValueChunk;
-  const int64_t w = d % 64 == 0 ? 64 : 16, dp = (d + w - 1) / w * w, vpanels = dp / w;
+  const int64_t dp = (d + 15) / 16 * 16;  // V's packed width, the second product's output columns
   const int64_t bq = std::min<int64_t>(Tq, std::max<int64_t>(16, kQueryRows / g));
   const int64_t blocks = (Tq + bq - 1) / bq, items = n * Hk, words = d / 2;
   const int64_t kpanel_size = d * kKeyPanel, vchunk_size = kValueChunk * dp;
@@ -840,33 +861,34 @@ void prompt_attention_bf16_impl(const bf16* q, int64_t qs0, int64_t qs1, const b
       const bf16* kr = k + i * S * ks0 + h * ks1;
       const bf16* vr = v + i * S * vs0 + h * vs1;
       for (int64_t pnl = 0; pnl < panels; ++pnl) {
-        // K^T (d x 64 keys) in VNNI pairs: word (p, j) is dims 2p, 2p+1 of key j, a 32-bit move
+        // K^T (d x 256 keys) in VNNI pairs: word (p, j) is dims 2p, 2p+1 of key j, moved as
+        // 16 x 16 blocks of 32-bit words transposed in registers (one word at a time it was about
+        // a sixth of the SigLIP tiles' attention)
         const int64_t j0 = pnl * kKeyPanel, keys = std::min(kKeyPanel, S - j0);
         uint32_t* dst = reinterpret_cast<uint32_t*>(kpack + (item * panels + pnl) * kpanel_size);
-        for (int64_t j = 0; j < kKeyPanel; ++j) {
-          if (j < keys) {
-            const bf16* row = kr + (j0 + j) * ks0;
-            for (int64_t p = 0; p < words; ++p) std::memcpy(dst + p * kKeyPanel + j, row + 2 * p, 4);
-          } else {
-            for (int64_t p = 0; p < words; ++p) dst[p * kKeyPanel + j] = 0;
+        for (int64_t jb = 0; jb < kKeyPanel; jb += 16)
+          for (int64_t pb = 0; pb < words; pb += 16) {
+            const __mmask16 m = first_lanes(words - pb);
+            __m512i t[16];
+            for (int64_t r = 0; r < 16; ++r)
+              t[r] = jb + r < keys ? _mm512_maskz_loadu_epi32(m, kr + (j0 + jb + r) * ks0 + 2 * pb) : _mm512_setzero_si512();
+            transpose16x16_epi32(t);
+            for (int64_t p = 0; p < std::min<int64_t>(16, words - pb); ++p)
+              _mm512_storeu_si512(dst + (pb + p) * kKeyPanel + jb, t[p]);
           }
-        }
       }
       for (int64_t ch = 0; ch < chunks; ++ch) {
-        // V (256 keys x w columns a panel) in VNNI pairs: word (p, e) is column e of keys 2p, 2p+1
+        // V (256 keys x dp columns) in VNNI pairs: word (p, e) is column e of keys 2p, 2p+1
         const int64_t j0 = ch * kValueChunk, keys = std::min(kValueChunk, S - j0);
-        for (int64_t c = 0; c < vpanels; ++c) {
-          uint32_t* dst = reinterpret_cast<uint32_t*>(vpack + (item * chunks + ch) * vchunk_size + c * kValueChunk * w);
-          for (int64_t p = 0; p < kValueChunk / 2; ++p) {
-            const int64_t r0 = 2 * p, r1 = 2 * p + 1;
-            for (int64_t e0 = 0; e0 < w; e0 += 16) {
-              const int64_t col = c * w + e0;
-              const __mmask16 m = first_lanes(std::max<int64_t>(0, d - col));
-              const __m256i x0 = r0 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r0) * vs0 + col) : _mm256_setzero_si256();
-              const __m256i x1 = r1 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r1) * vs0 + col) : _mm256_setzero_si256();
-              _mm512_storeu_si512(dst + p * w + e0, _mm512_or_si512(_mm512_cvtepu16_epi32(x0),
-                                                                   _mm512_slli_epi32(_mm512_cvtepu16_epi32(x1), 16)));
-            }
+        uint32_t* dst = reinterpret_cast<uint32_t*>(vpack + (item * chunks + ch) * vchunk_size);
+        for (int64_t p = 0; p < kValueChunk / 2; ++p) {
+          const int64_t r0 = 2 * p, r1 = 2 * p + 1;
+          for (int64_t col = 0; col < dp; col += 16) {
+            const __mmask16 m = first_lanes(std::max<int64_t>(0, d - col));
+            const __m256i x0 = r0 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r0) * vs0 + col) : _mm256_setzero_si256();
+            const __m256i x1 = r1 < keys ? _mm256_maskz_loadu_epi16(m, vr + (j0 + r1) * vs0 + col) : _mm256_setzero_si256();
+            _mm512_storeu_si512(dst + p * dp + col, _mm512_or_si512(_mm512_cvtepu16_epi32(x0),
+                                                                    _mm512_slli_epi32(_mm512_cvtepu16_epi32(x1), 16)));
           }
         }
       }
@@ -909,9 +931,7 @@ void prompt_attention_bf16_impl(const bf16* q, int64_t qs0, int64_t qs1, const b
           inv[row] = softmax_row_bf16(sc + row * W, pb + row * W, valid, W, scale);
         }
       for (int64_t ch = 0; ch < nc; ++ch)
-        for (int64_t c = 0; c < vpanels; ++c)
-          cb::brgemm(m, w, kValueChunk, W, w, dp, ch > 0, pb + ch * kValueChunk,
-                     vp + ch * vchunk_size + c * kValueChunk * w, ob + c * w);
+        cb::brgemm(m, dp, kValueChunk, W, dp, dp, ch > 0, pb + ch * kValueChunk, vp + ch * vchunk_size, ob);
       for (int64_t gi = 0; gi < g; ++gi)
         for (int64_t r = 0; r < rows; ++r) {
           const float* src = ob + (gi * rows + r) * dp;
