@@ -62,6 +62,30 @@ inline __m256i round_bf16(__m512 v) {
   return _mm512_cvtepi32_epi16(r);
 }
 inline void store16(bf16* p, __m512 v) { _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), round_bf16(v)); }
+// r[i] = column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]
+inline void transpose16x16_epi32(__m512i r[16]) {
+  __m512i a[16], b[16];
+  for (int i = 0; i < 16; i += 2) {  // pairs of rows: words interleaved
+    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {  // then pairs of words
+    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
+    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
+    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
+    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
+  }
+  // b[4q + c] holds, in 128-bit lane L, words 4L + c of rows 4q..4q+3; gather the lanes
+  for (int c = 0; c < 4; ++c) {
+    const __m512i lo01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), hi01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
+    const __m512i lo23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), hi23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
+    r[c] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);       // lane 0: word c
+    r[4 + c] = _mm512_shuffle_i32x4(lo01, lo23, 0xdd);   // lane 1: word 4 + c
+    r[8 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);   // lane 2: word 8 + c
+    r[12 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0xdd);  // lane 3: word 12 + c
+  }
+}
+
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16* p, __mmask16 m) {
   __m256i v = _mm256_maskz_loadu_epi16(m, p);
@@ -663,6 +687,95 @@ struct PagedRows {
   }
 };
 
+#ifdef OVFAST_DPBF16
+// One (row, kv head) of bf16 decode attention on AVX512-BF16, for head sizes of whole 32-value
+// tiles. The products go through the pair dot-product instruction on the bf16 values themselves
+// (exact products added in fp32, as the widened path does), laid out so no lane ever needs a
+// horizontal sum:
+// - scores: 16 positions' K rows are transposed as 32-bit words (a word is two adjacent dims of
+//   one position), so word e of all 16 positions is one register; each query head's pair of dims
+//   is broadcast against it: d/2 instructions give a head's 16 scores, and every head of the
+//   group shares each K load;
+// - values: two positions' V rows interleaved by 16-bit words (a word is one dim of positions j
+//   and j+1) against the two probabilities broadcast as one word: each instruction adds two
+//   positions' terms for 16 dims, for all g heads from one load of V. The probabilities are rounded
+//   to bf16 for it (as torch's flash kernel does); the normaliser stays their fp32 sum.
+// The output tile is g heads x 32 dims (2 registers a head); the unpack leaves its dims in the
+// order 0-3, 8-11, 16-19, 24-27 / 4-7, 12-15, ..., put back in order once at the end.
+inline void decode_head_dpbf16(const bf16* q, PagedRows<bf16> kpos, PagedRows<bf16> vpos, int64_t L, int64_t g,
+                               int64_t d, float scale, float* sc, bf16* o) {
+  const int64_t words = d / 2;
+  const uint32_t* qw = reinterpret_cast<const uint32_t*>(q);  // head gi's word e: qw[gi * words + e]
+  __m512i* kt = reinterpret_cast<__m512i*>(scratch(1, 16 * words + 16));
+  kpos.reset();
+  for (int64_t j0 = 0; j0 < L; j0 += 16) {
+    const int64_t cnt = std::min<int64_t>(16, L - j0);
+    const bf16* rows[16];
+    for (int64_t jj = 0; jj < 16; ++jj) rows[jj] = jj < cnt ? kpos.next() : rows[cnt - 1];  // the tail repeats a valid row
+    for (int64_t e0 = 0; e0 < words; e0 += 16) {
+      __m512i t[16];
+      for (int jj = 0; jj < 16; ++jj) t[jj] = _mm512_loadu_si512(rows[jj] + 2 * e0);
+      transpose16x16_epi32(t);
+      for (int e = 0; e < 16; ++e) _mm512_storeu_si512(kt + e0 + e, t[e]);
+    }
+    const __mmask16 m = cnt >= 16 ? 0xffff : static_cast<__mmask16>((1u << cnt) - 1);
+    for (int64_t g0 = 0; g0 < g; g0 += 8) {
+      const int64_t gt = std::min<int64_t>(8, g - g0);
+      __m512 acc[8];
+      for (int h = 0; h < 8; ++h) acc[h] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < words; ++e) {
+        const __m512bh kv = (__m512bh)_mm512_loadu_si512(kt + e);
+        for (int h = 0; h < 8; ++h) {
+          if (h >= gt) break;
+          acc[h] = _mm512_dpbf16_ps(acc[h], kv, (__m512bh)_mm512_set1_epi32(qw[(g0 + h) * words + e]));
+        }
+      }
+      for (int64_t h = 0; h < gt; ++h) _mm512_mask_storeu_ps(sc + (g0 + h) * L + j0, m, _mm512_mul_ps(acc[h], _mm512_set1_ps(scale)));
+    }
+  }
+  // softmax numerators in place, then each head's as bf16 pairs (a zero after an odd length)
+  const int64_t pairs = (L + 1) / 2;
+  uint32_t* pw = reinterpret_cast<uint32_t*>(scratch(2, g * pairs));
+  float inv[64];
+  for (int64_t gi = 0; gi < g; ++gi) {
+    float* s = sc + gi * L;
+    inv[gi] = exp_row(s, L, L, 1.f);
+    bf16* pb = reinterpret_cast<bf16*>(pw + gi * pairs);
+    int64_t j = 0;
+    for (; j + 16 <= L; j += 16) _mm256_storeu_si256(reinterpret_cast<__m256i*>(pb + j), round_bf16(_mm512_loadu_ps(s + j)));
+    for (; j < L; ++j) pb[j] = static_cast<bf16>(s[j]);
+    if (L % 2) pb[L] = static_cast<bf16>(0.f);
+  }
+  const __m512i lo_order = _mm512_setr_epi32(0, 1, 2, 3, 16, 17, 18, 19, 4, 5, 6, 7, 20, 21, 22, 23);
+  const __m512i hi_order = _mm512_setr_epi32(8, 9, 10, 11, 24, 25, 26, 27, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int64_t g0 = 0; g0 < g; g0 += 8) {
+    const int64_t gt = std::min<int64_t>(8, g - g0);
+    for (int64_t c = 0; c < d; c += 32) {
+      __m512 acc[8][2];
+      for (int h = 0; h < 8; ++h) acc[h][0] = acc[h][1] = _mm512_setzero_ps();
+      vpos.reset();
+      for (int64_t t = 0; t < pairs; ++t) {
+        const __m512i a = _mm512_loadu_si512(vpos.next() + c);
+        const __m512i b = 2 * t + 1 < L ? _mm512_loadu_si512(vpos.next() + c) : _mm512_setzero_si512();
+        const __m512bh lo = (__m512bh)_mm512_unpacklo_epi16(a, b), hi = (__m512bh)_mm512_unpackhi_epi16(a, b);
+        for (int h = 0; h < 8; ++h) {
+          if (h >= gt) break;
+          const __m512bh w = (__m512bh)_mm512_set1_epi32(pw[(g0 + h) * pairs + t]);
+          acc[h][0] = _mm512_dpbf16_ps(acc[h][0], lo, w);
+          acc[h][1] = _mm512_dpbf16_ps(acc[h][1], hi, w);
+        }
+      }
+      for (int64_t h = 0; h < gt; ++h) {
+        const __m512 r = _mm512_set1_ps(inv[g0 + h]);
+        bf16* out = o + (g0 + h) * d + c;
+        store16(out, _mm512_mul_ps(_mm512_permutex2var_ps(acc[h][0], lo_order, acc[h][1]), r));
+        store16(out + 16, _mm512_mul_ps(_mm512_permutex2var_ps(acc[h][0], hi_order, acc[h][1]), r));
+      }
+    }
+  }
+}
+#endif
+
 template <typename T>
 void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* tables, int64_t table_stride,
                            const int32_t* lens, T* out, int64_t B, int64_t Hq, int64_t Hk, int64_t d, int64_t bs,
@@ -682,6 +795,14 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
       const int32_t* pages = tables + r * table_stride;
       const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
       PagedRows<T> kpos{kc + h * d, pages, bs, row, bytes, L}, vpos{vc + h * d, pages, bs, row, bytes, L};
+#ifdef OVFAST_DPBF16
+      if constexpr (std::is_same<T, bf16>::value) {
+        if (d % 32 == 0 && g <= 64) {
+          decode_head_dpbf16(q + (r * Hq + h * g) * d, kpos, vpos, L, g, d, scale, sc, o);
+          continue;
+        }
+      }
+#endif
       kpos.reset();  // vpos is primed where the V pass starts, not a whole K pass earlier
       // The probabilities stay unnormalised until the end (g x d multiplies, not g x L).
 #ifdef OVFAST_AVX512
@@ -860,30 +981,6 @@ inline void store16_rne(bf16* p, __m512 v) {
 
 // store16's rounding into the first lanes of m only
 inline void store16_masked(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf16(v)); }
-
-// r[i] = column i of the 16 x 16 matrix of 32-bit words whose rows are r[0..15]
-inline void transpose16x16_epi32(__m512i r[16]) {
-  __m512i a[16], b[16];
-  for (int i = 0; i < 16; i += 2) {  // pairs of rows: words interleaved
-    a[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-    a[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {  // then pairs of words
-    b[i] = _mm512_unpacklo_epi64(a[i], a[i + 2]);
-    b[i + 1] = _mm512_unpackhi_epi64(a[i], a[i + 2]);
-    b[i + 2] = _mm512_unpacklo_epi64(a[i + 1], a[i + 3]);
-    b[i + 3] = _mm512_unpackhi_epi64(a[i + 1], a[i + 3]);
-  }
-  // b[4q + c] holds, in 128-bit lane L, words 4L + c of rows 4q..4q+3; gather the lanes
-  for (int c = 0; c < 4; ++c) {
-    const __m512i lo01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0x44), hi01 = _mm512_shuffle_i32x4(b[c], b[4 + c], 0xee);
-    const __m512i lo23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0x44), hi23 = _mm512_shuffle_i32x4(b[8 + c], b[12 + c], 0xee);
-    r[c] = _mm512_shuffle_i32x4(lo01, lo23, 0x88);       // lane 0: word c
-    r[4 + c] = _mm512_shuffle_i32x4(lo01, lo23, 0xdd);   // lane 1: word 4 + c
-    r[8 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0x88);   // lane 2: word 8 + c
-    r[12 + c] = _mm512_shuffle_i32x4(hi01, hi23, 0xdd);  // lane 3: word 12 + c
-  }
-}
 
 inline __mmask16 first_lanes(int64_t n) {
   return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
