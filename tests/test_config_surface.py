@@ -54,6 +54,8 @@ def test_values_are_read_at_call_time(monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo,eth0")
     monkeypatch.setenv("OVFAST_CPU_BLOCK_CACHE_MB", "512")
     assert environment.cpu_block_cache_mb() == 512
+    monkeypatch.setenv("OVFAST_CPU_PACKED_WEIGHTS_MB", "0")
+    assert environment.cpu_packed_weights_mb() == 0
     assert environment.kernels() == "torch" and environment.attention() == "flash_attn"
     assert environment.cuda_graphs() is False and environment.native() is False
     assert environment.triton_interpret() is True
@@ -86,6 +88,7 @@ def test_torchrun_rank(monkeypatch):
     ("OVFAST_PREPROCESS_THREADS", "two", environment.preprocess_threads),
     ("OVFAST_CPU_BLOCK_CACHE_MB", "-1", environment.cpu_block_cache_mb),
     ("OVFAST_CPU_BLOCK_CACHE_MB", "1.5", environment.cpu_block_cache_mb),
+    ("OVFAST_CPU_PACKED_WEIGHTS_MB", "lots", environment.cpu_packed_weights_mb),
     ("OVFAST_TP_TIMEOUT_S", "soon", environment.tp_timeout_s),
     ("OVFAST_TP_TIMEOUT_S", "-1", environment.tp_timeout_s),
     ("OVFAST_TP_JOIN_TIMEOUT_S", "inf", environment.tp_join_timeout_s),

@@ -302,6 +302,57 @@ def test_wide_bf16_gemm_runs_as_two_halves(m, k, monkeypatch):
         assert _mm_calls(lambda: cpu_native.linear(x, w)) == 1
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_packed_weights_run_the_prompt_gemms(dtype):
+    # a packed weight: GEMMs past SMALL_ROWS run on oneDNN's copy (with the bias, and for bf16 the
+    # gelu, in its epilogue), a few rows stay on the GEMV kernel; results within the dtype's
+    # rounding of the exact product
+    if not cpu_native.packing_available(dtype):
+        pytest.skip(f"torch's oneDNN cannot pack {dtype} weights here")
+    g = torch.Generator().manual_seed(3)
+    w = (torch.randn(300, 72, generator=g) * 72**-0.5).to(dtype)
+    b = torch.randn(300, generator=g).to(dtype)
+    other = w.clone()  # the same values, not packed
+    assert cpu_native.pack_weights([w], limit_mb=1) == w.numel() * w.element_size()
+    pointwise = "mkldnn::_linear_pointwise"
+    with torch.inference_mode():
+        for rows in (17, 300):
+            x = (torch.randn(rows, 72, generator=g) * 2).to(dtype)
+            exact = F.linear(x.double(), w.double(), b.double())
+            for bias in (None, b):
+                ran = _ops_called(lambda: cpu_native.linear(x, w, bias))
+                assert pointwise in ran and "aten::mm" not in ran and "aten::addmm" not in ran
+                got = cpu_native.linear(x, w, bias)
+                want = exact if bias is not None else F.linear(x.double(), w.double())
+                tol = TOL[dtype] * want.abs().max().item()
+                torch.testing.assert_close(got.double(), want, rtol=TOL[dtype], atol=tol)
+            act = cpu_native.linear_gelu(x, w, b, approximate="tanh")
+            gelu = F.gelu(exact, approximate="tanh")
+            torch.testing.assert_close(act.double(), gelu, rtol=2 * TOL[dtype], atol=2 * TOL[dtype] * gelu.abs().max().item())
+            if dtype == torch.float32:  # unpacked fp32 GEMMs stay torch's
+                assert pointwise not in _ops_called(lambda: cpu_native.linear(x, other, b))
+        few = torch.randn(16, 72, generator=g).to(dtype)
+        ran = _ops_called(lambda: cpu_native.linear(few, w, b))
+        assert pointwise not in ran and "ovfast_cpu::small_linear" in ran
+
+
+def test_packing_keeps_to_its_budget_and_dies_with_the_weight():
+    if not cpu_native.packing_available(torch.float32):
+        pytest.skip("torch's oneDNN cannot pack weights here")
+    import gc
+
+    ws = [torch.randn(512, 512) for _ in range(3)]  # 1 MiB each
+    before = cpu_native.packed_weight_bytes()
+    assert cpu_native.pack_weights(ws, limit_mb=2) == 2 << 20  # in order, while they fit
+    assert cpu_native.packed_weight_bytes() == before + (2 << 20)
+    assert cpu_native.pack_weights(ws, limit_mb=2) == 2 << 20  # again: nothing new
+    assert cpu_native.pack_weights(ws[2:], limit_mb=0) == 0
+    assert cpu_native.pack_weights([torch.randn(4, 8, dtype=torch.float64), torch.randn(8, 8).t()], limit_mb=1) == 0
+    del ws
+    gc.collect()
+    assert cpu_native.packed_weight_bytes() == before
+
+
 def test_the_epilogue_leaves_autograd_to_torch():
     # a parameter that needs a gradient, with grad mode on: torch's linear (oneDNN's has no backward)
     x = torch.randn(20, 8).bfloat16()
@@ -430,33 +481,36 @@ def test_prompt_attention_bf16_reads_strided_views():
 
 
 def test_prompt_attention_bf16_routing(monkeypatch):
-    # bf16 prompts and tiles (causal or not), and chunks after a cached prefix, take the kernel
-    # where AMX runs it; elsewhere torch's flash kernel, whose result it then is exactly
+    # bf16 prompts and tiles (causal or not), and chunks after a cached prefix, take the kernel in
+    # bf16 where AMX runs it; elsewhere they run widened to fp32 on the fp32 routes (the kernel for
+    # causal prompts and chunks, torch's flash kernel for tiles) and are rounded once
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(80, h, 16, generator=g).bfloat16() for h in (4, 2, 2))
     cu = torch.tensor([0, 40, 80], dtype=torch.int32)
     kernel = "ovfast_cpu::prompt_attention"
-    for causal in (True, False):
-        ran = _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
-        assert (kernel in ran) == cpu_native.amx_attention()
-        got = cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal)
-        want = ops.attention_prefill.reference(q.float(), k.float(), v.float(), cu, 40, causal=causal)
-        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     k_cache, v_cache, tables = _paged([60], 2, 16, 16, torch.bfloat16, g)
     qc = torch.randn(20, 4, 16, generator=g).bfloat16()
-    ran = _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
-    assert (kernel in ran) == cpu_native.amx_attention()
-    got = cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40)
-    want = ops.attention_chunk.reference(qc.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(),
-                                         tables[0], 40)
-    assert torch.isfinite(got).all()
-    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-    monkeypatch.setattr(cpu_native, "amx_attention", lambda: False)
-    for causal in (True, False):
-        assert kernel not in _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
-        assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal),
-                           ops.attention_prefill.reference(q, k, v, cu, 40, causal=causal))
-    assert kernel not in _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
+    for amx in sorted({cpu_native.amx_attention(), False}, reverse=True):
+        monkeypatch.setattr(cpu_native, "amx_attention", lambda amx=amx: amx)
+        for causal in (True, False):
+            ran = _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
+            assert (kernel in ran) == (amx or causal)
+            got = cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal)
+            assert got.dtype == torch.bfloat16
+            want = ops.attention_prefill.reference(q.float(), k.float(), v.float(), cu, 40, causal=causal)
+            torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+            if not amx:
+                widened = cpu_native.attention_prefill(q.float(), k.float(), v.float(), cu, 40, causal=causal)
+                assert torch.equal(got, widened.bfloat16())
+        assert kernel in _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
+        got = cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40)
+        want = ops.attention_chunk.reference(qc.float(), k_cache.nan_to_num().float(), v_cache.nan_to_num().float(),
+                                             tables[0], 40)
+        assert torch.isfinite(got).all() and got.dtype == torch.bfloat16
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        if not amx:
+            widened = cpu_native.attention_chunk(qc.float(), k_cache.float(), v_cache.float(), tables[0], 40)
+            assert torch.equal(got, widened.bfloat16())
 
 
 def test_prompt_attention_checks_its_inputs():
@@ -526,3 +580,14 @@ def test_bf16_engine_against_the_fp32_reference(checkpoint_dirs, engines):
         assert compared >= 8  # the check compared something
     finally:
         bf16.close()
+
+
+def test_engine_packs_its_prompt_gemm_weights(engines):
+    # a CPU engine's load packs the vision tower's and the decoder's GEMM weights (within the
+    # default budget, which the tiny model fits) and says so; its answers are held to
+    # transformers' by the parity suite, which runs on these copies
+    engine = engines["tiny"]
+    weights = engine.model.prompt_gemm_weights()
+    want = sum(w.numel() * w.element_size() for w in weights) if cpu_native.packing_available(engine.dtype) else 0
+    assert engine.info()["cpu_packed_weights_mib"] == want / 2**20
+    assert all((cpu_native._packed_copy(w) is not None) == (want > 0) for w in weights)

@@ -80,6 +80,14 @@ class LlavaOnevision(nn.Module):
         pooled = ops.bilinear_resize(feats.view(f, g, g, d), side, side)
         return torch.cat((pooled.reshape(-1, d), self.image_newline.to(feats.dtype)[None]))
 
+    def prompt_gemm_weights(self) -> list[torch.Tensor]:
+        """The weights of a prompt's large GEMMs: the vision tower's layers first (nothing else reads
+        them), then the decoder's (whose decode step reads them too), for a backend that keeps a
+        GEMM-friendly copy (``ops.cpu_native.pack_weights``)."""
+        vision = [w for x in self.vision_tower.layers for w in (x.qkv_weight, x.out_weight, x.fc1_weight, x.fc2_weight)]
+        text = [w for x in self.language_model.layers for w in (x.qkv_weight, x.o_weight, x.gate_up_weight, x.down_weight)]
+        return vision + text
+
     def weight_destinations(self) -> dict[str, tuple[torch.Tensor, slice | None, tuple | None]]:
         """Canonical tensor name (``checkpoint.weight_names``) -> (parameter, row slice of it or None,
         index into the checkpoint tensor or None); the decoder's come from ``Qwen2ForCausalLM``."""

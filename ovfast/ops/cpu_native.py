@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import weakref
 from pathlib import Path
 
 import torch
@@ -153,11 +154,15 @@ def block_cache_stats() -> dict:
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear`` with the GEMV kernel for a few rows of fp32 or bf16; a bf16 GEMM with a bias
-    adds it in oneDNN's epilogue (``_onednn_epilogue``)."""
+    """``F.linear`` with the GEMV kernel for a few rows of fp32 or bf16; past that, oneDNN on the
+    weight's packed copy where it has one (``pack_weights``); else a bf16 GEMM with a bias adds it
+    in oneDNN's epilogue (``_onednn_epilogue``)."""
     if (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in FLOATS and weight.dtype == x.dtype
             and weight.is_contiguous() and (bias is None or bias.dim() == 1) and _library()):
         return torch.ops.ovfast_cpu.small_linear(x, weight, bias)
+    packed = _packed_for(x, weight, bias)
+    if packed is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
     if bias is not None and _onednn_epilogue(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     if bias is None and _wide_bf16_gemm(x, weight):
@@ -194,6 +199,13 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     output (16 ms of a 150 ms layer at 3,645 tokens)."""
     if approximate != "tanh" or x.dtype not in FLOATS or not _library():
         return F.gelu(linear(x, weight, bias), approximate=approximate)
+    packed = _packed_for(x, weight, bias)
+    if packed is not None and bias is not None:
+        if x.dtype == torch.bfloat16:  # as _onednn_epilogue: the bias and gelu on the fp32 accumulator
+            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "gelu", [], "tanh")
+        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
+        torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
+        return y
     if bias is not None and _onednn_epilogue(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
     if (bias is not None and x.dim() == 2 and x.shape[0] > SMALL_ROWS and weight.dtype == x.dtype
@@ -202,6 +214,73 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
         torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
         return y
     return torch.ops.ovfast_cpu.gelu_tanh(linear(x, weight, bias))
+
+
+# --- weights packed for oneDNN's GEMMs -------------------------------------------------------------
+# A prompt's GEMMs (vision tiles, prefill chunks) are compute-bound. oneDNN runs them fastest on
+# its own blocked copy of the weight, made once (what vLLM's CPU backend and Inductor's CPU
+# freezing do): on the 2-core AMD EPYC (Zen 4) VM, fp32, against torch's GEMM (MKL) on the weight
+# as loaded: SigLIP's 3,645 x 1,152 x 4,304 183 -> 198 GFLOP/s, the decoder's 1,024-row gate/up
+# 163 -> 193 and down 198 -> 219. The plain weights stay: the decode step's GEMV reads them, and
+# anything not packed runs as before. Copies are looked up by the weight tensor itself and die
+# with it.
+
+PACK_ROWS_HINT = 1024  # oneDNN picks the blocking for this many rows; any row count runs on it
+_packed: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def packing_available(dtype: torch.dtype) -> bool:
+    """Whether torch's oneDNN can pack weights of ``dtype`` and run GEMMs on them here."""
+    mkldnn = torch.ops.mkldnn
+    if dtype not in FLOATS or not torch.backends.mkldnn.is_available():
+        return False
+    if not (hasattr(mkldnn, "_reorder_linear_weight") and hasattr(mkldnn, "_linear_pointwise")):
+        return False
+    return dtype == torch.float32 or onednn_bf16()
+
+
+def pack_weights(weights, limit_mb: int | None = None) -> int:
+    """Make oneDNN's blocked copy of each of ``weights`` (2-D, fp32 or bf16, contiguous), in order,
+    while their total stays within ``limit_mb`` MiB (default ``OVFAST_CPU_PACKED_WEIGHTS_MB``,
+    4096); ``linear`` and ``linear_gelu`` use a copy for more than SMALL_ROWS rows. The copies are
+    extra memory (the plain weights stay). Returns the bytes of all live copies of ``weights``."""
+    limit = (environment.cpu_packed_weights_mb() if limit_mb is None else limit_mb) << 20
+    total = 0
+    for w in weights:
+        size = w.numel() * w.element_size()
+        if _packed_copy(w) is not None:
+            total += size
+            continue
+        if (total + size > limit or w.dim() != 2 or not w.is_contiguous() or w.device.type != "cpu"
+                or w.requires_grad or not packing_available(w.dtype)):
+            continue
+        key = id(w)
+        _packed[key] = (weakref.ref(w), torch.ops.mkldnn._reorder_linear_weight(w, PACK_ROWS_HINT))
+        weakref.finalize(w, _packed.pop, key, None)
+        total += size
+    return total
+
+
+def packed_weight_bytes() -> int:
+    """Bytes of the weights that have a live packed copy (the copies take about as much again)."""
+    return sum(w.numel() * w.element_size() for ref, _ in list(_packed.values()) if (w := ref()) is not None)
+
+
+def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
+    entry = _packed.get(id(weight))
+    return entry[1] if entry is not None and entry[0]() is weight else None
+
+
+def _packed_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The packed copy of ``weight`` where a GEMM of ``x`` may run on it: more than SMALL_ROWS
+    rows of its dtype, a matching 1-D bias, and no autograd (oneDNN's linear has no backward)."""
+    if not _packed or x.dim() != 2 or x.shape[0] <= SMALL_ROWS or x.dtype != weight.dtype:
+        return None
+    if bias is not None and (bias.dtype != x.dtype or bias.dim() != 1 or not bias.is_contiguous()):
+        return None
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)):
+        return None
+    return _packed_copy(weight)
 
 
 @functools.cache
@@ -216,7 +295,7 @@ def _onednn_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) 
     """A bf16 GEMM (past SMALL_ROWS) whose bias, and activation, oneDNN applies to the fp32
     accumulator as it stores the tile: torch's addmm first broadcast-copies the bias into the
     whole output (SigLIP at 3,645 tokens: 10-20% of the qkv, out and fc2 GEMMs), then the GEMM adds
-    onto it; the bias alone is the same result, bit for bit. fp32 stays on torch's GEMM (MKL),
+    onto it; the bias alone is the same result, bit for bit. Unpacked fp32 stays on torch's GEMM (MKL),
     whose order transformers' reference shares."""
     return (x.dtype == torch.bfloat16 and weight.dtype == x.dtype and bias.dtype == x.dtype and x.dim() == 2
             and x.shape[0] > SMALL_ROWS and x.is_contiguous() and weight.is_contiguous() and bias.dim() == 1
@@ -282,8 +361,19 @@ def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
             and q.shape[1] % k.shape[1] == 0 and _library())
 
 
+def _widened_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """bf16 prompt attention without AMX runs in fp32 on the widened inputs, rounded once at the
+    end: torch's bf16 flash kernel is slower there than its fp32 one, and slower than the fp32
+    kernel here (AMD EPYC Zen 4, 2 threads, a 2,948-token prompt of the 0.5B model: 3.7 s of
+    attention in bf16, 2.4 s widened; SigLIP's tiles 2.6 s against 2.3). More exact, too."""
+    return (q.dtype == torch.bfloat16 and k.dtype == q.dtype and v.dtype == q.dtype and q.device.type == "cpu"
+            and _library() and not amx_attention())
+
+
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                       causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    if _widened_bf16(q, k, v):
+        return attention_prefill(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, causal, scale).to(q.dtype)
     if not _prompt_attention_fits(q, k, v) or not (causal or q.dtype == torch.bfloat16):
         return _torch_ops().attention_prefill.reference(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
@@ -299,6 +389,10 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 def attention_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     start: int, scale: float | None = None) -> torch.Tensor:
+    if _widened_bf16(q, k_cache, v_cache):
+        k, v = _torch_ops().gather_pages(k_cache, v_cache, block_table[None], start + q.shape[0])
+        s = q.shape[-1] ** -0.5 if scale is None else scale
+        return torch.ops.ovfast_cpu.prompt_attention(q.float(), k[0].float(), v[0].float(), 1, True, s).to(q.dtype)
     if not (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3 and q.stride(-1) == 1
             and _prompt_attention_dtype(q) and _library()):
         return _torch_ops().attention_chunk.reference(q, k_cache, v_cache, block_table, start, scale)

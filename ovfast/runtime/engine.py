@@ -105,6 +105,9 @@ class Engine:
             self.skipped_tensors, self._rank_reports, self.load_ms = built.skipped_tensors, built.rank_reports, built.load_ms
             model = built.model
             model.language_model.set_max_positions(max_seq_len + 2)
+            # CPU: oneDNN's blocked copies of the prompt GEMMs' weights, within OVFAST_CPU_PACKED_WEIGHTS_MB
+            self.packed_weight_bytes = (cpu_native.pack_weights(model.prompt_gemm_weights())
+                                        if self.device.type == "cpu" and parallel.tp is None else 0)
             cache = KVCache(cfg.text, num_blocks, block_size, self.dtype, self.device,
                             len(plan.kv_heads) if plan else None)
             decode = DecodeRunner(model.language_model, cache, self.device, rows=rows, max_blocks=max_blocks,
@@ -300,7 +303,8 @@ class Engine:
             "ops": report(self.device), "cuda_graphs": self.runner.use_graphs,
             "graph_capture_ms": self.runner.decode.capture_ms, "vision_warmup_ms": self.runner.vision_warmup_ms,
             "kv_cache_gib": self.cache.nbytes / 2**30, **self.kv_info,
-            **({"cpu_block_cache": cpu_native.block_cache_stats()} if self.device.type == "cpu" else {}),
+            **({"cpu_block_cache": cpu_native.block_cache_stats(),
+                "cpu_packed_weights_mib": self.packed_weight_bytes / 2**20} if self.device.type == "cpu" else {}),
             "gpu_memory_utilization": self.config.gpu_memory_utilization,
             "prefix_caching": self.config.prefix_caching, "encoder_cache_tokens": self.config.encoder_cache_tokens,
             "max_batch_size": self.max_batch_size, "max_seq_len": self.max_seq_len,

@@ -27,6 +27,7 @@ _MEANINGS = {
     "OVFAST_CUDA_GRAPHS": "0 turns CUDA-graph capture of the decode step off (default on)",
     "OVFAST_CPU_KERNELS": "0 keeps the CPU decode on plain torch ops instead of ovfast's compiled CPU kernels (default on)",
     "OVFAST_CPU_BLOCK_CACHE_MB": "MiB of freed large CPU tensor blocks a CPU engine keeps for reuse (default 2048; 0: torch's allocator as is)",
+    "OVFAST_CPU_PACKED_WEIGHTS_MB": "MiB of weights a CPU engine keeps a oneDNN-packed copy of for its prompt GEMMs (default 4096; 0: none)",
     "OVFAST_NATIVE": "0 forces the pure-Python preprocessing instead of ovfast._C (default native)",
     "OVFAST_PREPROCESS_THREADS": "threads of the native preprocessing (default: the usable CPUs)",
     "OVFAST_TP_TIMEOUT_S": "seconds a tensor-parallel data collective may wait before failing (default 600)",
@@ -113,15 +114,26 @@ def cpu_kernels() -> bool:
     return _off_if_zero("OVFAST_CPU_KERNELS")
 
 
+def _mib(name: str, default: int) -> int:
+    raw = _get(name)
+    if not raw:
+        return default
+    if not (raw.isascii() and raw.isdigit()):
+        raise _malformed(name, raw, "a whole number of MiB (0: off)")
+    return int(raw)
+
+
 def cpu_block_cache_mb() -> int:
     """OVFAST_CPU_BLOCK_CACHE_MB: how much freed large-tensor memory a CPU engine keeps for reuse
     (ovfast/ops/cpu_block_cache.cpp); 0 leaves torch's CPU allocator alone. Default 2048."""
-    raw = _get("OVFAST_CPU_BLOCK_CACHE_MB")
-    if not raw:
-        return 2048
-    if not (raw.isascii() and raw.isdigit()):
-        raise _malformed("OVFAST_CPU_BLOCK_CACHE_MB", raw, "a whole number of MiB (0: off)")
-    return int(raw)
+    return _mib("OVFAST_CPU_BLOCK_CACHE_MB", 2048)
+
+
+def cpu_packed_weights_mb() -> int:
+    """OVFAST_CPU_PACKED_WEIGHTS_MB: how much memory a CPU engine may spend on oneDNN's blocked
+    copies of its prompt GEMMs' weights (vision first, then the decoder's layers); 0: none, the
+    GEMMs read the weights as loaded. Default 4096."""
+    return _mib("OVFAST_CPU_PACKED_WEIGHTS_MB", 4096)
 
 
 # --- preprocessing ---------------------------------------------------------------------------------
