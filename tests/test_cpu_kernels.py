@@ -62,6 +62,20 @@ def test_linear_matches_torch(dtype, m, n, k, bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("k", [37, 896, 4864])
+def test_linear_rows_do_not_depend_on_the_batch(dtype, k):
+    # a decode row's GEMV result is the same bit for bit alone or with up to 15 other rows (every
+    # greedy answer is the same alone or in any batch: docs/serving.md)
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(cpu_native.SMALL_ROWS, k, generator=g).to(dtype)
+    w = torch.randn(70, k, generator=g).to(dtype)
+    b = torch.randn(70, generator=g).to(dtype)
+    alone = torch.cat([cpu_native.linear(x[i : i + 1], w, b) for i in range(x.shape[0])])
+    for m in (2, 3, 4, 5, 9, cpu_native.SMALL_ROWS):
+        assert torch.equal(cpu_native.linear(x[:m], w, b), alone[:m])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3])
 def test_linear_does_not_read_past_rows(dtype, m):
     # Rows past N (a view's neighbours) and NaN around the weights must never reach the output.

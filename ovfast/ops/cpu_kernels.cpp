@@ -7,8 +7,9 @@
 //
 // small_linear: y = x W^T (+ b) for x with a few rows (decode), W (N, K) as loaded (fp32 or
 // bf16, no repacking). A GEMV is bound by reading W once: the weight rows are split across the
-// threads in contiguous ranges, four rows at a time, every x row reusing the four rows' loads.
-// Accumulation is in fp32; bf16 weights are widened on the fly (exact), the output rounded once.
+// threads in contiguous ranges, each read front to back once for all x rows. Accumulation is in
+// fp32 (bf16: by AVX512-BF16's pair dot products where the CPU has them, else widened on the fly;
+// both exact products), the output rounded once; a row's sums run in one order whatever M is.
 //
 // rms_norm, rope: torch's op sequence in one pass, rounding to the activation dtype wherever the
 // torch version stores an intermediate in it (so bf16 results match it, not just approximately).
@@ -109,80 +110,47 @@ inline __m512 exp16(__m512 x) {
   p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
   return _mm512_scalef_ps(p, n);
 }
-
-// out[m][r] = dot(X row m, W row r) for R weight rows (stride ldw) and MT x rows (fp32, stride K).
-template <typename W, int MT, int R>
-inline void dot_rows(const float* X, int64_t K, const W* w, int64_t ldw, float out[][4]) {
-  __m512 acc[MT][R];
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
-  int64_t k = 0;
-  for (; k + 16 <= K; k += 16) {
-    __m512 wv[R];
-    // The next block's rows (contiguous after these): rows of a few KiB are too short for the
-    // hardware prefetcher to ramp up on (bf16 rows of 896 read at half the bandwidth without this).
-    for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (r + 4) * ldw + k), _MM_HINT_T0);
-    for (int r = 0; r < R; ++r) wv[r] = load16(w + r * ldw + k);
-    for (int m = 0; m < MT; ++m) {
-      __m512 xv = _mm512_loadu_ps(X + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  if (k < K) {
-    __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = load16(w + r * ldw + k, mask);
-    for (int m = 0; m < MT; ++m) {
-      __m512 xv = _mm512_maskz_loadu_ps(mask, X + m * K + k);
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(wv[r], xv, acc[m][r]);
-    }
-  }
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) out[m][r] = _mm512_reduce_add_ps(acc[m][r]);
-}
-#else
-template <typename W, int MT, int R>
-inline void dot_rows(const float* X, int64_t K, const W* w, int64_t ldw, float out[][4]) {
-  for (int m = 0; m < MT; ++m)
-    for (int r = 0; r < R; ++r) {
-      const W* wr = w + r * ldw;
-      const float* xm = X + m * K;
-      float s = 0.f;
-#pragma omp simd reduction(+ : s)
-      for (int64_t k = 0; k < K; ++k) s += static_cast<float>(wr[k]) * xm[k];
-      out[m][r] = s;
-    }
-}
 #endif
 
 #ifdef OVFAST_AVX512
-// dot(x, w) for one x row and one weight row, read front to back with four independent sums. A
-// one-row step reads each weight row as one run: interleaving four rows (dot_rows) is four short
-// streams at once, which the prefetchers serve at ~0.9 of a single stream's rate (fp32) and ~0.75
-// (bf16) on the 2-core development VM.
-template <typename W>
-inline float dot_one(const float* x, const W* w, int64_t K) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+// out[m] = dot(x row m, w) for MT x rows (fp32, stride K) and one weight row, read front to back
+// with four independent sums per x row. Each weight row is one run: interleaving four weight rows
+// (four short streams) is served below a single stream's rate by the prefetchers (a one-row 0.5B
+// step: ~0.9 of the time in fp32, ~0.75 in bf16 on the AMD EPYC VM). The order of the sums is
+// the same for any MT, so a row's result does not depend on the rows decoded with it.
+template <typename W, int MT>
+inline void dot_seq(const float* X, int64_t K, const W* w, float* out) {
+  __m512 a[MT][4];
+  for (int m = 0; m < MT; ++m)
+    for (int u = 0; u < 4; ++u) a[m][u] = _mm512_setzero_ps();
   int64_t k = 0;
-  for (; k + 64 <= K; k += 64) {
-    a0 = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(x + k), a0);
-    a1 = _mm512_fmadd_ps(load16(w + k + 16), _mm512_loadu_ps(x + k + 16), a1);
-    a2 = _mm512_fmadd_ps(load16(w + k + 32), _mm512_loadu_ps(x + k + 32), a2);
-    a3 = _mm512_fmadd_ps(load16(w + k + 48), _mm512_loadu_ps(x + k + 48), a3);
+  for (; k + 64 <= K; k += 64)
+    for (int u = 0; u < 4; ++u) {
+      const __m512 wv = load16(w + k + 16 * u);
+      for (int m = 0; m < MT; ++m) a[m][u] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(X + m * K + k + 16 * u), a[m][u]);
+    }
+  for (; k + 16 <= K; k += 16) {
+    const __m512 wv = load16(w + k);
+    for (int m = 0; m < MT; ++m) a[m][0] = _mm512_fmadd_ps(wv, _mm512_loadu_ps(X + m * K + k), a[m][0]);
   }
-  for (; k + 16 <= K; k += 16) a0 = _mm512_fmadd_ps(load16(w + k), _mm512_loadu_ps(x + k), a0);
   if (k < K) {
     const __mmask16 mask = static_cast<__mmask16>((1u << (K - k)) - 1);
-    a1 = _mm512_fmadd_ps(load16(w + k, mask), _mm512_maskz_loadu_ps(mask, x + k), a1);
+    const __m512 wv = load16(w + k, mask);
+    for (int m = 0; m < MT; ++m) a[m][1] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(mask, X + m * K + k), a[m][1]);
   }
-  return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (int m = 0; m < MT; ++m)
+    out[m] = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a[m][0], a[m][1]), _mm512_add_ps(a[m][2], a[m][3])));
 }
 #else
-template <typename W>
-inline float dot_one(const float* x, const W* w, int64_t K) {
-  float out[4][4];
-  dot_rows<W, 1, 1>(x, K, w, K, out);
-  return out[0][0];
+template <typename W, int MT>
+inline void dot_seq(const float* X, int64_t K, const W* w, float* out) {
+  for (int m = 0; m < MT; ++m) {
+    const float* xm = X + m * K;
+    float s = 0.f;
+#pragma omp simd reduction(+ : s)
+    for (int64_t k = 0; k < K; ++k) s += static_cast<float>(w[k]) * xm[k];
+    out[m] = s;
+  }
 }
 #endif
 
@@ -213,72 +181,42 @@ inline void dot_bf16_rows(const bf16* X, int64_t K, const bf16* w, float* out) {
   for (int m = 0; m < MT; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
 }
 
-// y = x W^T (+ b), bf16, every weight row read once, front to back, for all x rows.
-void small_linear_dpbf16(const bf16* X, const bf16* w, const float* bias, bf16* y, int64_t M, int64_t N, int64_t K) {
+inline void dot_bf16_group(const bf16* X, int64_t mt, int64_t K, const bf16* w, float* out) {
+  switch (mt) {
+    case 1: dot_bf16_rows<1>(X, K, w, out); break;
+    case 2: dot_bf16_rows<2>(X, K, w, out); break;
+    case 3: dot_bf16_rows<3>(X, K, w, out); break;
+    default: dot_bf16_rows<4>(X, K, w, out); break;
+  }
+}
+#endif
+
+// y = x W^T (+ b) for M x rows: the weight rows split across threads in contiguous ranges, each
+// read once, front to back, for every group of up to four x rows (dot(Xm, mt, w_row, out): the
+// group's mt dot products); accumulated in fp32, rounded once to T.
+template <typename XT, typename T, typename Dot>
+void gemv_rows(const XT* X, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K, Dot dot) {
+  // at least ~64 K weights per chunk: smaller ones cost more to hand out than to read
   const int64_t grain = std::max<int64_t>(1, 65536 / std::max<int64_t>(K, 1));
   at::parallel_for(0, N, grain, [&](int64_t n0, int64_t n1) {
     float out[4];
     for (int64_t n = n0; n < n1; ++n)
       for (int64_t m0 = 0; m0 < M; m0 += 4) {
         const int64_t mt = std::min<int64_t>(4, M - m0);
-        const bf16* Xm = X + m0 * K;
-        switch (mt) {
-          case 1: dot_bf16_rows<1>(Xm, K, w + n * K, out); break;
-          case 2: dot_bf16_rows<2>(Xm, K, w + n * K, out); break;
-          case 3: dot_bf16_rows<3>(Xm, K, w + n * K, out); break;
-          default: dot_bf16_rows<4>(Xm, K, w + n * K, out); break;
-        }
-        for (int64_t m = 0; m < mt; ++m) y[(m0 + m) * N + n] = static_cast<bf16>(out[m] + (bias ? bias[n] : 0.f));
+        dot(X + m0 * K, mt, w + n * K, out);
+        for (int64_t m = 0; m < mt; ++m) y[(m0 + m) * N + n] = static_cast<T>(out[m] + (bias ? bias[n] : 0.f));
       }
   });
 }
-#endif
 
-template <typename W, int R>
-inline void dot_group(const float* X, int64_t mt, int64_t K, const W* w, int64_t ldw, float out[][4]) {
+template <typename W>
+inline void dot_seq_group(const float* X, int64_t mt, int64_t K, const W* w, float* out) {
   switch (mt) {
-    case 1: dot_rows<W, 1, R>(X, K, w, ldw, out); break;
-    case 2: dot_rows<W, 2, R>(X, K, w, ldw, out); break;
-    case 3: dot_rows<W, 3, R>(X, K, w, ldw, out); break;
-    default: dot_rows<W, 4, R>(X, K, w, ldw, out); break;
+    case 1: dot_seq<W, 1>(X, K, w, out); break;
+    case 2: dot_seq<W, 2>(X, K, w, out); break;
+    case 3: dot_seq<W, 3>(X, K, w, out); break;
+    default: dot_seq<W, 4>(X, K, w, out); break;
   }
-}
-
-template <typename T>
-void small_linear_impl(const float* X, const T* w, const float* bias, T* y, int64_t M, int64_t N, int64_t K) {
-  // at least ~64 KiB of weights per chunk: smaller ones cost more to hand out than to read
-  const int64_t grain = std::max<int64_t>(1, (16384 / std::max<int64_t>(K, 1)));
-  if (M == 1) {  // one row: each weight row one front-to-back run (dot_one)
-    at::parallel_for(0, N, 4 * grain, [&](int64_t n0, int64_t n1) {
-      for (int64_t n = n0; n < n1; ++n) y[n] = static_cast<T>(dot_one<T>(X, w + n * K, K) + (bias ? bias[n] : 0.f));
-    });
-    return;
-  }
-  const int64_t blocks = (N + 3) / 4;
-  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-    float out[4][4];
-    for (int64_t b = b0; b < b1; ++b) {
-      const int64_t n0 = b * 4, rows = std::min<int64_t>(4, N - n0);
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int64_t mt = std::min<int64_t>(4, M - m0);
-        const float* Xm = X + m0 * K;
-        if (rows == 4) {
-          dot_group<T, 4>(Xm, mt, K, w + n0 * K, K, out);
-        } else {
-          for (int64_t r = 0; r < rows; ++r) {
-            float one[4][4];
-            dot_group<T, 1>(Xm, mt, K, w + (n0 + r) * K, K, one);
-            for (int64_t m = 0; m < mt; ++m) out[m][r] = one[m][0];
-          }
-        }
-        for (int64_t m = 0; m < mt; ++m)
-          for (int64_t r = 0; r < rows; ++r) {
-            float v = out[m][r] + (bias ? bias[n0 + r] : 0.f);
-            y[(m0 + m) * N + n0 + r] = static_cast<T>(v);
-          }
-      }
-    }
-  });
 }
 
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
@@ -295,14 +233,17 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
   if (x.scalar_type() == at::kFloat) {
     const at::Tensor xf = x.contiguous();
-    small_linear_impl<float>(xf.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K);
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K,
+              [K](const float* X, int64_t mt, const float* wr, float* out) { dot_seq_group<float>(X, mt, K, wr, out); });
   } else if (x.scalar_type() == at::kBFloat16) {
 #ifdef OVFAST_DPBF16
     const at::Tensor xb = x.contiguous();
-    small_linear_dpbf16(xb.data_ptr<bf16>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K);
+    gemv_rows(xb.data_ptr<bf16>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
+              [K](const bf16* X, int64_t mt, const bf16* wr, float* out) { dot_bf16_group(X, mt, K, wr, out); });
 #else
     const at::Tensor xf = x.to(at::kFloat).contiguous();
-    small_linear_impl<bf16>(xf.data_ptr<float>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K);
+    gemv_rows(xf.data_ptr<float>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
+              [K](const float* X, int64_t mt, const bf16* wr, float* out) { dot_seq_group<bf16>(X, mt, K, wr, out); });
 #endif
   } else {
     TORCH_CHECK(false, "small_linear: float32 or bfloat16 only");
