@@ -87,6 +87,9 @@ inline void transpose16x16_epi32(__m512i r[16]) {
   }
 }
 
+inline __mmask16 first_lanes(int64_t n) {
+  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
+}
 inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
 inline __m512 load16(const bf16* p, __mmask16 m) {
   __m256i v = _mm256_maskz_loadu_epi16(m, p);
@@ -181,15 +184,19 @@ inline void dot_bf16_rows(const bf16* X, int64_t K, const bf16* w, float* out) {
   for (int m = 0; m < MT; ++m) out[m] = _mm512_reduce_add_ps(_mm512_add_ps(a[m][0], a[m][1]));
 }
 
-inline void dot_bf16_group(const bf16* X, int64_t mt, int64_t K, const bf16* w, float* out) {
+#endif
+
+// f(std::integral_constant<int, MT>{}) for a group of mt = 1..4 x rows: the row count as a
+// compile-time constant (the dot kernels keep one register set per row)
+template <typename F>
+inline void by_rows(int64_t mt, F f) {
   switch (mt) {
-    case 1: dot_bf16_rows<1>(X, K, w, out); break;
-    case 2: dot_bf16_rows<2>(X, K, w, out); break;
-    case 3: dot_bf16_rows<3>(X, K, w, out); break;
-    default: dot_bf16_rows<4>(X, K, w, out); break;
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    default: f(std::integral_constant<int, 4>{}); break;
   }
 }
-#endif
 
 // y = x W^T (+ b) for M x rows: the weight rows split across threads in contiguous ranges, each
 // read once, front to back, for every group of up to four x rows (dot(Xm, mt, w_row, out): the
@@ -209,16 +216,6 @@ void gemv_rows(const XT* X, const T* w, const float* bias, T* y, int64_t M, int6
   });
 }
 
-template <typename W>
-inline void dot_seq_group(const float* X, int64_t mt, int64_t K, const W* w, float* out) {
-  switch (mt) {
-    case 1: dot_seq<W, 1>(X, K, w, out); break;
-    case 2: dot_seq<W, 2>(X, K, w, out); break;
-    case 3: dot_seq<W, 3>(X, K, w, out); break;
-    default: dot_seq<W, 4>(X, K, w, out); break;
-  }
-}
-
 at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "small_linear: x (M, K) and w (N, K)");
   TORCH_CHECK(x.scalar_type() == w.scalar_type(), "small_linear: x and w must have one dtype");
@@ -234,16 +231,22 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
   if (x.scalar_type() == at::kFloat) {
     const at::Tensor xf = x.contiguous();
     gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K,
-              [K](const float* X, int64_t mt, const float* wr, float* out) { dot_seq_group<float>(X, mt, K, wr, out); });
+              [K](const float* X, int64_t mt, const float* wr, float* out) {
+                by_rows(mt, [&](auto rows) { dot_seq<float, rows>(X, K, wr, out); });
+              });
   } else if (x.scalar_type() == at::kBFloat16) {
 #ifdef OVFAST_DPBF16
     const at::Tensor xb = x.contiguous();
     gemv_rows(xb.data_ptr<bf16>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
-              [K](const bf16* X, int64_t mt, const bf16* wr, float* out) { dot_bf16_group(X, mt, K, wr, out); });
+              [K](const bf16* X, int64_t mt, const bf16* wr, float* out) {
+                by_rows(mt, [&](auto rows) { dot_bf16_rows<rows>(X, K, wr, out); });
+              });
 #else
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     gemv_rows(xf.data_ptr<float>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
-              [K](const float* X, int64_t mt, const bf16* wr, float* out) { dot_seq_group<bf16>(X, mt, K, wr, out); });
+              [K](const float* X, int64_t mt, const bf16* wr, float* out) {
+                by_rows(mt, [&](auto rows) { dot_seq<bf16, rows>(X, K, wr, out); });
+              });
 #endif
   } else {
     TORCH_CHECK(false, "small_linear: float32 or bfloat16 only");
@@ -554,7 +557,7 @@ inline __m512 hsum16x16(const __m512* a) {
 // valid row) for the g query heads: out[gi * stride + jj] = scale * q_gi . k[jj]
 inline void scores16(const float* qf, const float* const* k, int64_t cnt, int64_t g, int64_t nv, float scale,
                      float* out, int64_t stride) {
-  const __mmask16 m = cnt >= 16 ? 0xffff : static_cast<__mmask16>((1u << cnt) - 1);
+  const __mmask16 m = first_lanes(cnt);
   const __m512 sc = _mm512_set1_ps(scale);
   for (int64_t gi = 0; gi < g; ++gi) {
     const float* qg = qf + gi * 16 * nv;
@@ -659,7 +662,7 @@ inline void decode_head_dpbf16(const bf16* q, PagedRows<bf16> kpos, PagedRows<bf
       transpose16x16_epi32(t);
       for (int e = 0; e < 16; ++e) _mm512_storeu_si512(kt + e0 + e, t[e]);
     }
-    const __mmask16 m = cnt >= 16 ? 0xffff : static_cast<__mmask16>((1u << cnt) - 1);
+    const __mmask16 m = first_lanes(cnt);
     for (int64_t g0 = 0; g0 < g; g0 += 8) {
       const int64_t gt = std::min<int64_t>(8, g - g0);
       __m512 acc[8];
@@ -731,7 +734,6 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
         for (int64_t i = 0; i < g * d; ++i) o[i] = static_cast<T>(0.f);
         continue;
       }
-      for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(q[(r * Hq + h * g) * d + i]);
       float* sc = scratch(0, g * L);
       const int32_t* pages = tables + r * table_stride;
       const int64_t bytes = d * static_cast<int64_t>(sizeof(T));
@@ -744,6 +746,7 @@ void decode_attention_impl(const T* q, const T* kc, const T* vc, const int32_t* 
         }
       }
 #endif
+      for (int64_t i = 0; i < g * d; ++i) qf[i] = static_cast<float>(q[(r * Hq + h * g) * d + i]);
       kpos.reset();  // vpos is primed where the V pass starts, not a whole K pass earlier
       // The probabilities stay unnormalised until the end (g x d multiplies, not g x L).
 #ifdef OVFAST_AVX512
@@ -922,10 +925,6 @@ inline void store16_rne(bf16* p, __m512 v) {
 
 // store16's rounding into the first lanes of m only
 inline void store16_masked(bf16* p, __m512 v, __mmask16 m) { _mm256_mask_storeu_epi16(p, m, round_bf16(v)); }
-
-inline __mmask16 first_lanes(int64_t n) {
-  return n >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << n) - 1);
-}
 
 // 2^t for softmax arguments t <= 0: 2^n 2^f with |f| <= 1/2, 2^f by its degree-4 Taylor
 // polynomial (relative error < 5e-5, a fiftieth of bf16's half ulp: the result is stored as bf16);

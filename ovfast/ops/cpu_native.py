@@ -160,11 +160,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     if (x.dim() == 2 and x.shape[0] <= SMALL_ROWS and x.dtype in FLOATS and weight.dtype == x.dtype
             and weight.is_contiguous() and (bias is None or bias.dim() == 1) and _library()):
         return torch.ops.ovfast_cpu.small_linear(x, weight, bias)
-    packed = _packed_for(x, weight, bias)
-    if packed is not None:
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
-    if bias is not None and _onednn_epilogue(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    onednn = _onednn_weight(x, weight, bias)
+    if onednn is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), onednn, bias, "none", [], "")
     if bias is None and _wide_bf16_gemm(x, weight):
         # Two GEMMs, each on half the weight's rows, writing the two halves of one output.
         half = weight.shape[0] // 2
@@ -199,18 +197,12 @@ def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     output (16 ms of a 150 ms layer at 3,645 tokens)."""
     if approximate != "tanh" or x.dtype not in FLOATS or not _library():
         return F.gelu(linear(x, weight, bias), approximate=approximate)
-    packed = _packed_for(x, weight, bias)
-    if packed is not None and bias is not None:
-        if x.dtype == torch.bfloat16:  # as _onednn_epilogue: the bias and gelu on the fp32 accumulator
-            return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "gelu", [], "tanh")
-        y = torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, None, "none", [], "")
-        torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
-        return y
-    if bias is not None and _onednn_epilogue(x, weight, bias):
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
+    onednn = _onednn_weight(x, weight, bias) if bias is not None and x.dtype == torch.bfloat16 else None
+    if onednn is not None:
+        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), onednn, bias, "gelu", [], "tanh")
     if (bias is not None and x.dim() == 2 and x.shape[0] > SMALL_ROWS and weight.dtype == x.dtype
             and bias.dtype == x.dtype and bias.dim() == 1 and bias.is_contiguous()):
-        y = F.linear(x, weight)
+        y = linear(x, weight)  # on the packed copy where there is one
         torch.ops.ovfast_cpu.bias_gelu_tanh_(y, bias)
         return y
     return torch.ops.ovfast_cpu.gelu_tanh(linear(x, weight, bias))
@@ -269,6 +261,16 @@ def packed_weight_bytes() -> int:
 def _packed_copy(weight: torch.Tensor) -> torch.Tensor | None:
     entry = _packed.get(id(weight))
     return entry[1] if entry is not None and entry[0]() is weight else None
+
+
+def _onednn_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """What oneDNN's linear takes for this GEMM (bias, and activation, in its epilogue): the
+    weight's packed copy where it has one, else the weight itself for a bf16 GEMM with a bias
+    (``_onednn_epilogue``); None where the GEMM stays torch's."""
+    packed = _packed_for(x, weight, bias)
+    if packed is not None:
+        return packed
+    return weight if bias is not None and _onednn_epilogue(x, weight, bias) else None
 
 
 def _packed_for(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -389,15 +391,14 @@ def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
 
 def attention_chunk(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
                     start: int, scale: float | None = None) -> torch.Tensor:
-    if _widened_bf16(q, k_cache, v_cache):
-        k, v = _torch_ops().gather_pages(k_cache, v_cache, block_table[None], start + q.shape[0])
-        s = q.shape[-1] ** -0.5 if scale is None else scale
-        return torch.ops.ovfast_cpu.prompt_attention(q.float(), k[0].float(), v[0].float(), 1, True, s).to(q.dtype)
-    if not (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3 and q.stride(-1) == 1
-            and _prompt_attention_dtype(q) and _library()):
+    widen = _widened_bf16(q, k_cache, v_cache)  # only the gathered pages are widened
+    if not widen and not (k_cache.dtype == q.dtype and v_cache.dtype == q.dtype and q.dim() == 3
+                          and q.stride(-1) == 1 and _prompt_attention_dtype(q) and _library()):
         return _torch_ops().attention_chunk.reference(q, k_cache, v_cache, block_table, start, scale)
     k, v = _torch_ops().gather_pages(k_cache, v_cache, block_table[None], start + q.shape[0])
     s = q.shape[-1] ** -0.5 if scale is None else scale
+    if widen:
+        return torch.ops.ovfast_cpu.prompt_attention(q.float(), k[0].float(), v[0].float(), 1, True, s).to(q.dtype)
     return torch.ops.ovfast_cpu.prompt_attention(q, k[0], v[0], 1, True, s)
 
 
