@@ -396,11 +396,12 @@ def test_bias_gelu_checks_its_inputs():
         torch.ops.ovfast_cpu.bias_gelu_tanh_(torch.randn(4, 8).half(), torch.randn(8).half())
 
 
-@pytest.mark.parametrize("tiles,seq,heads,d", [(5, 37, 3, 72), (1, 300, 2, 64), (3, 16, 1, 8), (2, 1, 4, 16)])
+@pytest.mark.parametrize("tiles,seq,heads,d", [(5, 37, 3, 72), (2, 729, 2, 72), (1, 300, 2, 64), (3, 16, 1, 8),
+                                                (2, 1, 4, 16), (2, 21, 2, 9)])
 def test_prompt_attention_vision_tiles_match_sdpa(tiles, seq, heads, d):
-    # q, k, v as the views SigLIP passes (one fused qkv row per token), several equal-length tiles:
-    # the kernel's non-causal mode on its own (vision itself runs on torch's flash kernel, faster
-    # there: the routing below)
+    # q, k, v as the views SigLIP passes (one fused qkv row per token), several equal-length tiles
+    # (SigLIP's 729 tokens: three 256-key chunks, the last one short; an odd head size): the
+    # kernel's non-causal mode
     g = torch.Generator().manual_seed(tiles * seq + heads * d)
     qkv = torch.randn(tiles * seq, 3, heads, d, generator=g) * 2
     q, k, v = qkv.unbind(1)
@@ -408,8 +409,10 @@ def test_prompt_attention_vision_tiles_match_sdpa(tiles, seq, heads, d):
     got = torch.ops.ovfast_cpu.prompt_attention(q, k, v, tiles, False, d**-0.5)
     want = ops.attention_prefill.reference(q, k, v, cu, seq, causal=False, scale=d**-0.5)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    # and the routing: not causal means torch's kernel, whose result this is exactly
-    assert torch.equal(cpu_native.attention_prefill(q, k, v, cu, seq, causal=False, scale=d**-0.5), want)
+    # and the routing: tiles take the kernel where it is the tiled one (AVX-512), else torch's
+    # flash kernel (faster than the portable one), whose result the reference is exactly
+    routed = cpu_native.attention_prefill(q, k, v, cu, seq, causal=False, scale=d**-0.5)
+    assert torch.equal(routed, got if cpu_native.prompt_attention_tiles() else want)
 
 
 @pytest.mark.parametrize("lengths,hq,hk,d", [([5, 40, 1], 14, 2, 64), ([33, 33], 4, 4, 16), ([300], 7, 1, 32)])
@@ -447,11 +450,12 @@ def _sdpa_reference(q, k, v, n, causal, scale):
     return out.transpose(1, 2).reshape(n * t, hq, d)
 
 
-needs_amx = pytest.mark.skipif(not cpu_native.amx_attention(),
-                               reason="the bf16 prompt attention runs on AMX (amx_bf16 in /proc/cpuinfo)")
+needs_bf16_attention = pytest.mark.skipif(
+    not cpu_native.bf16_prompt_attention(),
+    reason="the bf16 prompt attention runs on AMX or AVX512-BF16 (amx_bf16 or avx512_bf16 in /proc/cpuinfo)")
 
 
-@needs_amx
+@needs_bf16_attention
 @pytest.mark.parametrize("n,t,s,hq,hk,d,causal", [
     (5, 37, 37, 3, 3, 72, False),     # vision tiles: head size 72 (V in 16-wide panels), keys not whole panels
     (2, 729, 729, 4, 4, 72, False),   # SigLIP's tile length: three 256-key V chunks, the last one short
@@ -481,7 +485,7 @@ def test_prompt_attention_bf16_matches_the_fp32_reference(n, t, s, hq, hk, d, ca
     assert err <= 2 * (torch_bf16.float() - want).abs().max().item() + 4e-3
 
 
-@needs_amx
+@needs_bf16_attention
 def test_prompt_attention_bf16_reads_strided_views():
     # q, k, v as views of one fused qkv row per token (the model's layout), not contiguous tensors;
     # one and several query heads per kv head (rows read in place, or stacked)
@@ -496,24 +500,25 @@ def test_prompt_attention_bf16_reads_strided_views():
 
 def test_prompt_attention_bf16_routing(monkeypatch):
     # bf16 prompts and tiles (causal or not), and chunks after a cached prefix, take the kernel in
-    # bf16 where AMX runs it; elsewhere they run widened to fp32 on the fp32 routes (the kernel for
-    # causal prompts and chunks, torch's flash kernel for tiles) and are rounded once
+    # bf16 where the CPU runs it (AMX or AVX512-BF16); elsewhere they run widened to fp32 on the
+    # fp32 routes (the kernel for causal prompts and chunks, and for tiles where it is the tiled
+    # one; else torch's flash kernel) and are rounded once
     g = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(80, h, 16, generator=g).bfloat16() for h in (4, 2, 2))
     cu = torch.tensor([0, 40, 80], dtype=torch.int32)
     kernel = "ovfast_cpu::prompt_attention"
     k_cache, v_cache, tables = _paged([60], 2, 16, 16, torch.bfloat16, g)
     qc = torch.randn(20, 4, 16, generator=g).bfloat16()
-    for amx in sorted({cpu_native.amx_attention(), False}, reverse=True):
-        monkeypatch.setattr(cpu_native, "amx_attention", lambda amx=amx: amx)
+    for native in sorted({cpu_native.bf16_prompt_attention(), False}, reverse=True):
+        monkeypatch.setattr(cpu_native, "bf16_prompt_attention", lambda native=native: native)
         for causal in (True, False):
             ran = _ops_called(lambda: cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal))
-            assert (kernel in ran) == (amx or causal)
+            assert (kernel in ran) == (native or causal or cpu_native.prompt_attention_tiles())
             got = cpu_native.attention_prefill(q, k, v, cu, 40, causal=causal)
             assert got.dtype == torch.bfloat16
             want = ops.attention_prefill.reference(q.float(), k.float(), v.float(), cu, 40, causal=causal)
             torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-            if not amx:
+            if not native:
                 widened = cpu_native.attention_prefill(q.float(), k.float(), v.float(), cu, 40, causal=causal)
                 assert torch.equal(got, widened.bfloat16())
         assert kernel in _ops_called(lambda: cpu_native.attention_chunk(qc, k_cache, v_cache, tables[0], 40))
@@ -522,7 +527,7 @@ def test_prompt_attention_bf16_routing(monkeypatch):
                                              tables[0], 40)
         assert torch.isfinite(got).all() and got.dtype == torch.bfloat16
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
-        if not amx:
+        if not native:
             widened = cpu_native.attention_chunk(qc.float(), k_cache.float(), v_cache.float(), tables[0], 40)
             assert torch.equal(got, widened.bfloat16())
 

@@ -334,25 +334,34 @@ def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return _torch_ops().silu_mul.reference(gate_up)
 
 
-# Prompt attention (prefill chunks, and SigLIP's tiles in bf16): the two products as GEMMs per
-# (sequence, kv head, block of queries) with vectorised exponentials between them. fp32: a
-# 2,948-token causal chunk of the 0.5B model in 52 ms a layer against torch's 60; SigLIP's tiles
-# (not causal, 729 tokens, head_dim 72) stay on torch's flash kernel, faster there (49-51 ms
-# against 58-65 for 5 tiles). bf16 on AMX (both products on torch's brgemm micro-kernels, the
-# scores in fp32): the tiles in 28-33 ms against torch's 36-49, the causal chunk in 28 against 34.
-# Without AMX bf16 stays on torch's flash kernel.
+# Prompt attention (prefill chunks, and SigLIP's tiles): the two products as GEMMs per (sequence,
+# kv head, block of queries) with vectorised exponentials between them. With AVX-512, K^T and V
+# packed once and both products on one register-tiled micro-kernel: fp32 FMAs, bf16 AVX512-BF16's
+# pair dot products (the scores in fp32), or AMX (torch's brgemm micro-kernels). On the AMD EPYC
+# (Zen 4) VM, 2 threads, a layer of the 0.5B model's 2,948-token causal prompt: fp32 91-96 ms
+# against 100-106 on torch's GEMMs, bf16 49 ms; SigLIP's five 729-token tiles (head_dim 72): fp32
+# 84-109 ms against torch's fp32 flash kernel's 96-109, bf16 41 against 89. On AMX (Intel Xeon)
+# bf16: the tiles in 28-33 ms against torch's 36-49, the causal chunk in 28 against 34. Without
+# AVX-512 the kernel is fp32 on torch's GEMMs and takes causal prompts only (tiles stay on
+# torch's flash kernel, faster there).
 
 
 @functools.cache
-def amx_attention() -> bool:
-    """Whether the bf16 prompt attention runs here (the kernels built, and AMX for bf16)."""
-    return _library() and bool(torch.ops.ovfast_cpu.amx_bf16())
+def prompt_attention_tiles() -> bool:
+    """Whether the prompt-attention kernel is the register-tiled one here (an AVX-512 build)."""
+    return _library() and bool(torch.ops.ovfast_cpu.prompt_attention_tiles())
+
+
+@functools.cache
+def bf16_prompt_attention() -> bool:
+    """Whether the prompt-attention kernel takes bf16 here (built, and AMX or AVX512-BF16)."""
+    return _library() and bool(torch.ops.ovfast_cpu.bf16_prompt_attention())
 
 
 def _prompt_attention_dtype(q: torch.Tensor) -> bool:
-    """The prompt-attention kernel takes fp32, or bf16 (an even head size) where AMX runs it."""
+    """The prompt-attention kernel takes fp32, or bf16 (an even head size) where the CPU runs it."""
     if q.dtype == torch.bfloat16:
-        return q.shape[-1] % 2 == 0 and amx_attention()
+        return q.shape[-1] % 2 == 0 and bf16_prompt_attention()
     return q.dtype == torch.float32
 
 
@@ -364,19 +373,19 @@ def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 
 def _widened_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """bf16 prompt attention without AMX runs in fp32 on the widened inputs, rounded once at the
-    end: torch's bf16 flash kernel is slower there than its fp32 one, and slower than the fp32
-    kernel here (AMD EPYC Zen 4, 2 threads, a 2,948-token prompt of the 0.5B model: 3.7 s of
-    attention in bf16, 2.4 s widened; SigLIP's tiles 2.6 s against 2.3). More exact, too."""
+    """bf16 prompt attention on a CPU without AMX or AVX512-BF16 runs in fp32 on the widened
+    inputs, rounded once at the end: torch's bf16 flash kernel there converts to fp32 for its
+    products anyway (on an AVX512-BF16 machine it was slower than fp32: 3.7 s of a 2,948-token
+    0.5B prompt's attention in bf16, 2.4 s widened). More exact, too."""
     return (q.dtype == torch.bfloat16 and k.dtype == q.dtype and v.dtype == q.dtype and q.device.type == "cpu"
-            and _library() and not amx_attention())
+            and _library() and not bf16_prompt_attention())
 
 
 def attention_prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                       causal: bool = True, scale: float | None = None) -> torch.Tensor:
     if _widened_bf16(q, k, v):
         return attention_prefill(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, causal, scale).to(q.dtype)
-    if not _prompt_attention_fits(q, k, v) or not (causal or q.dtype == torch.bfloat16):
+    if not _prompt_attention_fits(q, k, v) or not (causal or q.dtype == torch.bfloat16 or prompt_attention_tiles()):
         return _torch_ops().attention_prefill.reference(q, k, v, cu_seqlens, max_seqlen, causal, scale)
     s = q.shape[-1] ** -0.5 if scale is None else scale
     bounds = cu_seqlens.tolist()
