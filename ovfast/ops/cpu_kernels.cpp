@@ -20,8 +20,9 @@
 // weighted sum of V with the output tile in registers.
 //
 // prompt_attention: a prompt's attention, vision tiles or a prefill chunk after its cached prefix,
-// as two GEMMs per (sequence, kv head, block of queries) around a vectorised softmax: fp32 on
-// torch's GEMMs; bf16 on AMX (torch's brgemm micro-kernels) or AVX512-BF16 (our own micro-kernel).
+// as two GEMMs per (sequence, kv head, block of queries) around a vectorised softmax. With AVX-512
+// both products run on one register-tiled micro-kernel (fp32 FMAs, bf16 AVX512-BF16's pair dot
+// products) or, bf16 on AMX, torch's brgemm; without AVX-512, fp32 only, on torch's GEMMs.
 //
 // gelu_tanh, bias_gelu_tanh_: SigLIP's activation vectorised, with fc1's bias folded in.
 #include <ATen/ATen.h>
@@ -889,7 +890,7 @@ void prompt_attention_gemms(const float* q, int64_t qs0, int64_t qs1, const floa
 }
 #endif
 
-// --- prompt attention in bf16, on AMX or AVX512-BF16 ----------------------------------------------
+// --- prompt attention on packed K^T and V (AVX-512: fp32, and bf16 on AMX or AVX512-BF16) ------
 
 // The same tasks as the fp32 kernel above (per sequence, kv head and block of queries, every query
 // head of the kv head stacked), with both products on AMX through torch's brgemm micro-kernels
@@ -906,9 +907,9 @@ void prompt_attention_gemms(const float* q, int64_t qs0, int64_t qs1, const floa
 // against 34. What made the difference: the packing as 32-bit moves (a key's two dims are one
 // VNNI word), and the softmax as one fused multiply, a degree-4 exp2 and AVX512-BF16's rounding
 // instruction per 16 scores (it was ~40% of the kernel with a general exp and emulated rounding).
-// Without AMX, both products run on AVX512-BF16 (dp_gemm below) on the same packed operands: on
-// the AMD EPYC (Zen 4) VM the causal prompt in 49 ms a layer against 95 for the fp32 kernel on
-// widened inputs, the five tiles in 41 against torch's fp32 flash kernel's 89.
+// Without AMX, both products run on packed_gemm below, on the same packed operands (fp32 too): on
+// the AMD EPYC (Zen 4) VM the causal prompt in bf16 in 49 ms a layer against 95 for the fp32
+// kernel on widened inputs, the five tiles in 41 against torch's fp32 flash kernel's 89.
 constexpr int64_t kKeyPanel = 256;    // keys per packed K^T panel: one call of the first product
 constexpr int64_t kValueChunk = 256;  // keys per packed V chunk: one accumulation of the output
 constexpr int64_t kQueryRows = 256;   // stacked query rows per task (g heads x a block of positions)
@@ -1014,7 +1015,7 @@ inline void tile_gemm(const T* A, int64_t lda, const uint32_t* B, int64_t ldb, i
       if constexpr (std::is_same_v<T, float>) {
         const __m512 a = _mm512_set1_ps(A[r * lda + p]);
         for (int j = 0; j < NV; ++j) c[r][j] = _mm512_fmadd_ps(a, _mm512_castsi512_ps(b[j]), c[r][j]);
-      } else {
+      } else {  // (a build without AVX512-BF16 takes bf16 on AMX only: never here)
 #ifdef OVFAST_DPBF16
         int32_t w;
         std::memcpy(&w, A + r * lda + 2 * p, sizeof w);

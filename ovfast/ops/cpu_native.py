@@ -374,9 +374,9 @@ def _prompt_attention_fits(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
 
 def _widened_bf16(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """bf16 prompt attention on a CPU without AMX or AVX512-BF16 runs in fp32 on the widened
-    inputs, rounded once at the end: torch's bf16 flash kernel there converts to fp32 for its
-    products anyway (on an AVX512-BF16 machine it was slower than fp32: 3.7 s of a 2,948-token
-    0.5B prompt's attention in bf16, 2.4 s widened). More exact, too."""
+    inputs, rounded once at the end: torch's bf16 flash kernel was slower than the fp32 route
+    even on an AVX512-BF16 machine (3.7 s of a 2,948-token 0.5B prompt's attention in bf16, 2.4 s
+    widened). More exact, too."""
     return (q.dtype == torch.bfloat16 and k.dtype == q.dtype and v.dtype == q.dtype and q.device.type == "cpu"
             and _library() and not bf16_prompt_attention())
 
