@@ -38,6 +38,7 @@
 #include <limits>
 #include <tuple>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__)
@@ -188,16 +189,13 @@ inline void dot_bf16_rows(const bf16* X, int64_t K, const bf16* w, float* out) {
 
 #endif
 
-// f(std::integral_constant<int, MT>{}) for a group of mt = 1..4 x rows: the row count as a
-// compile-time constant (the dot kernels keep one register set per row)
-template <typename F>
-inline void by_rows(int64_t mt, F f) {
-  switch (mt) {
-    case 1: f(std::integral_constant<int, 1>{}); break;
-    case 2: f(std::integral_constant<int, 2>{}); break;
-    case 3: f(std::integral_constant<int, 3>{}); break;
-    default: f(std::integral_constant<int, 4>{}); break;
-  }
+// f(std::integral_constant<int, n>{}) for n = 1..Max (Max for anything larger): a count of rows
+// or vectors as a compile-time constant (the kernels keep one register set per row or vector)
+template <int Max, typename F>
+inline void by_count(int64_t n, F f) {
+  [&]<int... I>(std::integer_sequence<int, I...>) {
+    (void)(((n == I + 1 || I + 1 == Max) && (f(std::integral_constant<int, I + 1>{}), true)) || ...);
+  }(std::make_integer_sequence<int, Max>{});
 }
 
 // y = x W^T (+ b) for M x rows: the weight rows split across threads in contiguous ranges, each
@@ -234,20 +232,20 @@ at::Tensor small_linear(const at::Tensor& x, const at::Tensor& w, const c10::opt
     const at::Tensor xf = x.contiguous();
     gemv_rows(xf.data_ptr<float>(), w.data_ptr<float>(), bp, y.data_ptr<float>(), M, N, K,
               [K](const float* X, int64_t mt, const float* wr, float* out) {
-                by_rows(mt, [&](auto rows) { dot_seq<float, rows>(X, K, wr, out); });
+                by_count<4>(mt, [&](auto rows) { dot_seq<float, rows>(X, K, wr, out); });
               });
   } else if (x.scalar_type() == at::kBFloat16) {
 #ifdef OVFAST_DPBF16
     const at::Tensor xb = x.contiguous();
     gemv_rows(xb.data_ptr<bf16>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
               [K](const bf16* X, int64_t mt, const bf16* wr, float* out) {
-                by_rows(mt, [&](auto rows) { dot_bf16_rows<rows>(X, K, wr, out); });
+                by_count<4>(mt, [&](auto rows) { dot_bf16_rows<rows>(X, K, wr, out); });
               });
 #else
     const at::Tensor xf = x.to(at::kFloat).contiguous();
     gemv_rows(xf.data_ptr<float>(), w.data_ptr<bf16>(), bp, y.data_ptr<bf16>(), M, N, K,
               [K](const float* X, int64_t mt, const bf16* wr, float* out) {
-                by_rows(mt, [&](auto rows) { dot_seq<bf16, rows>(X, K, wr, out); });
+                by_count<4>(mt, [&](auto rows) { dot_seq<bf16, rows>(X, K, wr, out); });
               });
 #endif
   } else {
@@ -1029,19 +1027,6 @@ inline void tile_gemm(const T* A, int64_t lda, const uint32_t* B, int64_t ldb, i
     for (int j = 0; j < NV; ++j) _mm512_storeu_ps(C + r * ldc + 16 * j, c[r][j]);
 }
 
-template <typename T, int NV>
-inline void tile_rows(int64_t rows, const T* A, int64_t lda, const uint32_t* B, int64_t ldb, int64_t kw, float* C,
-                      int64_t ldc) {
-  switch (rows) {
-    case 1: tile_gemm<T, 1, NV>(A, lda, B, ldb, kw, C, ldc); break;
-    case 2: tile_gemm<T, 2, NV>(A, lda, B, ldb, kw, C, ldc); break;
-    case 3: tile_gemm<T, 3, NV>(A, lda, B, ldb, kw, C, ldc); break;
-    case 4: tile_gemm<T, 4, NV>(A, lda, B, ldb, kw, C, ldc); break;
-    case 5: tile_gemm<T, 5, NV>(A, lda, B, ldb, kw, C, ldc); break;
-    default: tile_gemm<T, 6, NV>(A, lda, B, ldb, kw, C, ldc); break;
-  }
-}
-
 // N a multiple of 16. Column blocks of 4 vectors (6 rows: 24 accumulators), 5 for a 5-vector rest
 // (4 rows; SigLIP's head size 72 pads to 80 columns); a block's B (kw x 64 words) stays in L1
 // while the rows go past.
@@ -1054,13 +1039,9 @@ void packed_gemm(int64_t M, int64_t N, int64_t kw, const T* A, int64_t lda, cons
       const int64_t rows = std::min(tall, M - i);
       const T* a = A + i * lda;
       float* c = C + i * ldc + j;
-      switch (nv) {
-        case 1: tile_rows<T, 1>(rows, a, lda, B + j, ldb, kw, c, ldc); break;
-        case 2: tile_rows<T, 2>(rows, a, lda, B + j, ldb, kw, c, ldc); break;
-        case 3: tile_rows<T, 3>(rows, a, lda, B + j, ldb, kw, c, ldc); break;
-        case 4: tile_rows<T, 4>(rows, a, lda, B + j, ldb, kw, c, ldc); break;
-        default: tile_rows<T, 5>(rows, a, lda, B + j, ldb, kw, c, ldc); break;
-      }
+      by_count<5>(nv, [&](auto NV) {
+        by_count<6>(rows, [&](auto R) { tile_gemm<T, R, NV>(a, lda, B + j, ldb, kw, c, ldc); });
+      });
     }
     j += 16 * nv;
   }
